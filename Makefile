@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+CHECKPOINT ?= checkpoints/swissroll.pt
+
+.PHONY: serve test train lint bench-quality bench-speed clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps make re-runs instant; pyproject.toml changes reinstall. torch is pinned in pyproject.toml.
+$(VENV)/.runtime: pyproject.toml | $(PY)
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(PY)
+	$(PIP) -e '.[dev]'
+	touch $@ $(VENV)/.runtime
+
+serve: $(VENV)/.runtime
+	$(VENV)/bin/swissroll-serve
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+
+train: $(VENV)/.dev
+	$(PY) -m training --preset default --epochs 300 --ema-decay 0.995 --seed 0 --out $(CHECKPOINT)
+
+bench-quality: $(VENV)/.dev
+	$(PY) -m bench.quality
+
+bench-speed: $(VENV)/.dev
+	$(PY) -m bench.speed
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

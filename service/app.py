@@ -1,0 +1,159 @@
+"""The app factory: settings in, FastAPI app out. The model is loaded once, in the lifespan."""
+
+import json
+import logging
+import os
+import threading
+import time
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+
+from service.checkpoint import LoadedModel, load_model, resolve_device
+from service.compute import Cancelled, ComputeGate, DeadlineExceeded, Job, Overloaded
+from service.encoding import json_response
+from service.metrics import Metrics
+from service.routes import router
+from service.samplers import SAMPLERS, SamplerError
+from service.sampling import plan, run_plan
+from service.schemas import SampleParams, allowed_values
+from service.settings import Settings
+
+log = logging.getLogger("swissroll")
+
+
+def _warm_up(model: LoadedModel) -> None:
+    """One small run of every sampler: first-call costs (allocator, kernels) are paid before ready."""
+    for name in SAMPLERS:
+        p = plan(model, SampleParams(n=64, sampler=name, seed=0))
+        run_plan(model, p, Job(float("inf"), threading.Event()), record=True)
+
+
+def create_app(settings: Settings | None = None, model: LoadedModel | None = None) -> FastAPI:
+    """`model`: an already loaded checkpoint (the launcher loads it first to fail fast with one line)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+        app.state.model = model or load_model(settings.checkpoint, resolve_device(settings.device))
+        if settings.warmup:
+            await app.state.gate.run(lambda _job: _warm_up(app.state.model))
+        app.state.ready = True
+        log.info(
+            json.dumps(
+                {
+                    "event": "ready",
+                    "model": app.state.model.id[:12],
+                    "device": str(app.state.model.device),
+                    "threads": torch.get_num_threads(),
+                }
+            )
+        )
+        yield
+        app.state.ready = False
+
+    app = FastAPI(
+        title="swissroll-diffusion",
+        version="0.1.0",
+        description="Diffusion-model sampling of the 2D Swiss roll: points, trajectories and animations.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.ready = False
+    app.state.gate = ComputeGate(settings.max_concurrency, settings.max_queue, settings.request_timeout_s)
+    app.state.metrics = Metrics()
+    app.include_router(router)
+    _install_error_handlers(app)
+    _install_request_log(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET"],
+            expose_headers=["X-Seed", "X-Model", "X-Elapsed-Ms"],
+        )
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    metrics: Metrics = app.state.metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        # FastAPI's errors name the parameter; add what is allowed, so one reply is enough to fix the call.
+        errors = []
+        for err in exc.errors():
+            err = {k: v for k, v in err.items() if k != "url"}
+            name = err["loc"][-1] if err.get("loc") else None
+            allowed = allowed_values(request.url.path, name) if isinstance(name, str) else None
+            if err.get("type") == "extra_forbidden":
+                err["msg"] = f"unknown parameter {name!r}; valid parameters: {allowed}"
+            elif allowed and err.get("type") not in ("enum", "literal_error"):  # those already list them
+                err["msg"] = f"{name}: {err['msg']} (allowed: {allowed})"
+            errors.append(err)
+        return json_response({"detail": jsonable_encoder(errors)}, status_code=422)
+
+    @app.exception_handler(SamplerError)
+    async def sampler_error(_request: Request, exc: SamplerError):
+        # Same shape as FastAPI's own validation errors, so clients parse one format.
+        return json_response(
+            {"detail": [{"loc": ["query", exc.param], "msg": str(exc), "type": "value_error"}]}, status_code=422
+        )
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(_request: Request, exc: Overloaded):
+        metrics.rejected.labels("overloaded").inc()
+        return json_response(
+            {"detail": f"server overloaded: {exc}; retry later"},
+            status_code=503,
+            headers={"Retry-After": str(exc.retry_after_s)},
+        )
+
+    @app.exception_handler(DeadlineExceeded)
+    async def deadline(_request: Request, _exc: DeadlineExceeded):
+        metrics.rejected.labels("deadline").inc()
+        return json_response(
+            {"detail": f"request exceeded the {app.state.settings.request_timeout_s:g} s deadline"}, status_code=504
+        )
+
+    @app.exception_handler(Cancelled)
+    async def cancelled(_request: Request, _exc: Cancelled):
+        metrics.rejected.labels("client_disconnected").inc()
+        return json_response({"detail": "client disconnected"}, status_code=499)
+
+
+def _install_request_log(app: FastAPI) -> None:
+    metrics: Metrics = app.state.metrics
+
+    @app.middleware("http")
+    async def log_request(request: Request, call_next):
+        start = time.perf_counter()
+        metrics.in_flight.inc()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            metrics.in_flight.dec()
+            seconds = time.perf_counter() - start
+            route = request.scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            sampler = getattr(request.state, "sampler", "")  # set by sampling routes once validated
+            metrics.requests.labels(endpoint, sampler, str(status)).inc()
+            metrics.latency.labels(endpoint, sampler).observe(seconds)
+            log.info(
+                json.dumps(
+                    {
+                        "endpoint": request.url.path,
+                        "params": dict(request.query_params),
+                        "status": status,
+                        "ms": round(seconds * 1000, 2),
+                    }
+                )
+            )

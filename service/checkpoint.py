@@ -1,0 +1,114 @@
+"""Loads a checkpoint file and checks it honours the contract in checkpoints/README.md."""
+
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from service.denoiser import PREDICTION_TYPES, Denoiser
+
+SUPPORTED_FORMAT_VERSIONS = (1,)
+REQUIRED_METADATA = ("format_version", "num_timesteps", "schedule", "prediction_type", "data", "training")
+
+
+class CheckpointError(Exception):
+    """The file cannot be served; str() is one line naming the file and the problem."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"checkpoint {path}: {problem}")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    denoiser: Denoiser
+    metadata: dict
+    id: str  # sha256 of the file: names the exact weights in responses, ETags and logs
+    path: Path
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(path: str | Path, device: torch.device) -> LoadedModel:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "file not found" if not path.exists() else "not a regular file")
+    extra = {"metadata.json": ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
+            net = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except Exception as e:  # torch raises RuntimeError/ValueError/zip errors for damaged files
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(path, f"not a readable TorchScript archive (truncated or corrupt?): {first_line}") from e
+    try:
+        metadata = json.loads(extra["metadata.json"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(path, f"metadata.json is missing or not JSON ({e.msg})") from e
+    missing = [k for k in REQUIRED_METADATA if k not in metadata]
+    if missing:
+        raise CheckpointError(path, f"metadata.json lacks {', '.join(missing)}")
+    if metadata["format_version"] not in SUPPORTED_FORMAT_VERSIONS:
+        raise CheckpointError(
+            path,
+            f"format_version {metadata['format_version']} unsupported (this service reads {SUPPORTED_FORMAT_VERSIONS})",
+        )
+    if metadata["prediction_type"] not in PREDICTION_TYPES:
+        raise CheckpointError(path, f"prediction_type {metadata['prediction_type']!r} not one of {PREDICTION_TYPES}")
+    alphas_cumprod = _check_schedule(path, net, metadata["num_timesteps"])
+    _check_forward(path, net, len(alphas_cumprod), device)
+    denoiser = Denoiser(net, alphas_cumprod, metadata["prediction_type"], device)
+    return LoadedModel(denoiser, metadata, _sha256(path), path, device)
+
+
+def _check_schedule(path: Path, net, num_timesteps: int) -> tuple[float, ...]:
+    ab = getattr(net, "alphas_cumprod", None)
+    if not isinstance(ab, torch.Tensor):
+        raise CheckpointError(path, "module has no alphas_cumprod buffer")
+    if ab.dtype != torch.float64 or ab.dim() != 1 or ab.numel() != num_timesteps:
+        raise CheckpointError(
+            path, f"alphas_cumprod must be float64 of shape [{num_timesteps}], got {ab.dtype} {list(ab.shape)}"
+        )
+    values = tuple(ab.cpu().tolist())
+    if not all(0 < v < 1 and math.isfinite(v) for v in values):
+        raise CheckpointError(path, "alphas_cumprod must lie in (0, 1)")
+    if any(b >= a for a, b in zip(values, values[1:], strict=False)):
+        raise CheckpointError(path, "alphas_cumprod must be strictly decreasing")
+    return values
+
+
+def _check_forward(path: Path, net, num_timesteps: int, device: torch.device) -> None:
+    x = torch.zeros(3, 2, device=device)
+    t = torch.tensor([0, num_timesteps // 2, num_timesteps - 1], dtype=torch.int64, device=device)
+    try:
+        with torch.inference_mode():
+            out = net(x, t)
+    except Exception as e:
+        raise CheckpointError(
+            path,
+            f"forward(x [B, 2] float32, t [B] int64) failed: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+        ) from e
+    if not isinstance(out, torch.Tensor) or out.shape != (3, 2) or out.dtype != torch.float32:
+        raise CheckpointError(path, f"forward must return a float32 [B, 2] tensor, got {getattr(out, 'shape', out)}")
+    if not torch.isfinite(out).all():
+        raise CheckpointError(path, "forward returned non-finite values")

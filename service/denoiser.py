@@ -1,0 +1,34 @@
+"""A loaded model bundled with its own noise schedule, answering "given x_t at level t, what are eps and x0?"."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v")
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B, 2], t [B] int64) -> [B, 2]
+    alphas_cumprod: tuple[float, ...]  # host-side float64 copy: per-step coefficients never sync the device
+    prediction_type: str = "epsilon"
+    device: torch.device = torch.device("cpu")  # where the net's weights live; samplers draw noise there
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {self.prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def predict(self, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x0) predicted at integer level t."""
+        out = self.net(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device))
+        alpha, sigma = self.alphas_cumprod[t] ** 0.5, (1 - self.alphas_cumprod[t]) ** 0.5
+        if self.prediction_type == "epsilon":
+            # x_t = alpha x0 + sigma eps  =>  x0 = (x_t - sigma eps) / alpha
+            return out, (x - sigma * out) / alpha
+        # v = alpha eps - sigma x0 (Salimans & Ho 2022)  =>  x0 = alpha x_t - sigma v, eps = sigma x_t + alpha v
+        return sigma * x + alpha * out, alpha * x - sigma * out

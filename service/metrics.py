@@ -1,0 +1,36 @@
+"""Prometheus metrics, one registry per app (no module-level globals, so tests and apps stay independent)."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "swissroll_requests_total", "HTTP requests", ["endpoint", "sampler", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "swissroll_request_seconds",
+            "HTTP request latency",
+            ["endpoint", "sampler"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.points = Counter("swissroll_points_generated_total", "points sampled", ["sampler"], registry=r)
+        self.queue_wait = Histogram(
+            "swissroll_queue_wait_seconds", "time waiting for a compute slot", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.compute = Histogram(
+            "swissroll_compute_seconds",
+            "time sampling/rendering in a compute slot",
+            ["endpoint", "sampler"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("swissroll_in_flight_requests", "HTTP requests being handled", registry=r)
+        self.rejected = Counter(
+            "swissroll_rejected_total", "requests refused by admission control", ["reason"], registry=r
+        )

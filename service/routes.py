@@ -1,0 +1,136 @@
+"""HTTP routes: validate, call, serialize. Nothing here does maths."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.checkpoint import LoadedModel
+from service.compute import ComputeGate
+from service.encoding import compact, json_response, npy_response
+from service.metrics import Metrics
+from service.samplers import SAMPLERS
+from service.sampling import Result, plan, sample_points
+from service.schemas import SampleParams, TrajectoryParams
+
+
+def get_model(request: Request) -> LoadedModel:
+    return request.app.state.model
+
+
+def get_gate(request: Request) -> ComputeGate:
+    return request.app.state.gate
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+Model = Annotated[LoadedModel, Depends(get_model)]
+Gate = Annotated[ComputeGate, Depends(get_gate)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+router = APIRouter()
+
+
+def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, result: Result) -> None:
+    metrics.points.labels(sampler).inc(n)
+    metrics.queue_wait.observe(result.timing.queue_s)
+    metrics.compute.labels(endpoint, sampler).observe(result.timing.compute_s)
+
+
+@router.get(
+    "/sample",
+    summary="Sample points from the model",
+    tags=["sampling"],
+    responses={200: {"content": {"application/x-npy": {}}}, 422: {}, 503: {}, 504: {}},
+)
+async def sample(
+    params: Annotated[SampleParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
+) -> Response:
+    p = plan(model, params)
+    request.state.sampler = p.spec.name
+    result = await sample_points(gate, model, p, request.is_disconnected)
+    _record(metrics, "/sample", p.spec.name, p.n, result)
+    elapsed_ms = round(result.timing.compute_s * 1000, 2)
+    headers = {"X-Seed": str(p.seed), "X-Model": model.id, "X-Elapsed-Ms": str(elapsed_ms)}
+    if params.format == "npy":
+        return npy_response(result.points, headers)
+    return json_response(
+        {**p.describe(), "model": model.id, "elapsed_ms": elapsed_ms, "points": result.points}, headers=headers
+    )
+
+
+@router.get("/trajectory", summary="Every intermediate state of one sampling run (for animation)", tags=["sampling"])
+async def trajectory(
+    params: Annotated[TrajectoryParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
+) -> Response:
+    p = plan(model, params)
+    request.state.sampler = p.spec.name
+    result = await sample_points(gate, model, p, request.is_disconnected, record=True, record_x0=params.include_x0)
+    _record(metrics, "/trajectory", p.spec.name, p.n, result)
+    payload = {
+        **p.describe(),
+        "model": model.id,
+        "elapsed_ms": round(result.timing.compute_s * 1000, 2),
+        "timesteps": result.timesteps,
+        "frames": compact(result.frames),
+    }
+    if params.include_x0:
+        payload["x0"] = compact(result.x0)
+    return json_response(payload, headers={"X-Seed": str(p.seed)})
+
+
+@router.get("/samplers", summary="The samplers this server offers, with their steps and parameters", tags=["model"])
+async def samplers(model: Model) -> list[dict]:
+    T = model.denoiser.num_timesteps
+    quality = model.metadata.get("quality", {}).get("samplers", {})
+    return [
+        {
+            "name": s.name,
+            "description": s.description,
+            "paper": s.paper,
+            "steps": {"min": 1, "max": T, "default": s.steps_default(T)},
+            "params": {
+                k: {"default": d, "min": lo, "max": hi, "description": desc}
+                for k, (d, lo, hi, desc) in s.params.items()
+            },
+            "stochastic": s.stochastic,
+            "quality": quality.get(s.name),
+        }
+        for s in SAMPLERS.values()
+    ]
+
+
+@router.get("/model", summary="The loaded checkpoint: id, device, metadata", tags=["model"])
+async def model_info(model: Model) -> dict:
+    return {
+        "id": model.id,
+        "path": str(model.path),
+        "device": str(model.device),
+        "num_timesteps": model.denoiser.num_timesteps,
+        "prediction_type": model.denoiser.prediction_type,
+        "metadata": model.metadata,
+    }
+
+
+@router.get("/healthz", summary="Liveness: the process answers", tags=["ops"])
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: model loaded and warmed up, not shutting down",
+    tags=["ops"],
+    responses={503: {"description": "not ready"}},
+)
+async def readyz(request: Request) -> Response:
+    if getattr(request.app.state, "ready", False):
+        return json_response({"status": "ready"})
+    return json_response({"status": "not ready"}, status_code=503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", tags=["ops"], response_class=Response)
+async def metrics_endpoint(metrics: MetricsDep) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,248 @@
+"""Samplers: pure functions turning Gaussian noise into points, and the registry the API validates against.
+
+Every sampler has the signature
+    sampler(denoiser, x, steps, generator, callback=None, **params) -> x_0
+where x is the initial noise x_T, `steps` picks a trailing subsequence of the training levels, `generator`
+is the request's own torch.Generator (or a NoiseSources list for batched requests), and `callback`, if
+given, receives a Step after every update. Per-step coefficients are Python floats computed from the
+float64 schedule, so no step synchronizes with the device.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from service.denoiser import Denoiser
+
+
+class Step(NamedTuple):
+    i: int  # 0-based index of the step just taken
+    t: int  # the training level the model was evaluated at
+    x: torch.Tensor  # the state after the step
+    x0: torch.Tensor  # the model's prediction of the clean points at this step
+
+
+Callback = Callable[[Step], None]
+# Several requests batched together: each keeps its own generator for its own rows, so its noise (and thus
+# its points) does not depend on what it was batched with.
+NoiseSources = Sequence[tuple[torch.Generator, int]]
+
+
+def randn(like: torch.Tensor, generator: torch.Generator | NoiseSources) -> torch.Tensor:
+    if isinstance(generator, torch.Generator):
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    parts = [
+        torch.randn((rows, *like.shape[1:]), generator=g, device=like.device, dtype=like.dtype) for g, rows in generator
+    ]
+    return torch.cat(parts)
+
+
+def timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """Trailing spacing (Lin et al. 2024, Table 2): always starts at T-1, e.g. T=40, steps=4 -> [39, 29, 19, 9]."""
+    return [round(num_timesteps - k * num_timesteps / steps) - 1 for k in range(steps)]
+
+
+def _levels(denoiser: Denoiser, steps: int) -> list[tuple[int, float, float]]:
+    """(t, alpha_bar_t, alpha_bar_prev) per step; the level after the last step is clean (alpha_bar = 1)."""
+    ts = timesteps(denoiser.num_timesteps, steps)
+    ab = denoiser.alphas_cumprod
+    return [(t, ab[t], ab[ts[i + 1]] if i + 1 < len(ts) else 1.0) for i, t in enumerate(ts)]
+
+
+def ddpm_mean(x, eps, ab_t: float, ab_prev: float):
+    # Ho et al. 2020, eq. 11, with the respaced beta_t = 1 - ab_t / ab_prev (Nichol & Dhariwal 2021, sec. 4).
+    alpha_t = ab_t / ab_prev
+    return (x - (1 - alpha_t) / math.sqrt(1 - ab_t) * eps) / math.sqrt(alpha_t)
+
+
+def posterior_mean(x, x0, ab_t: float, ab_prev: float):
+    # Mean of q(x_{t-1} | x_t, x_0), Ho et al. 2020, eq. 7.
+    alpha_t = ab_t / ab_prev
+    return (math.sqrt(ab_prev) * (1 - alpha_t) * x0 + math.sqrt(alpha_t) * (1 - ab_prev) * x) / (1 - ab_t)
+
+
+@torch.inference_mode()
+def sample_ddpm(denoiser, x, steps, generator, callback=None):
+    """Ho et al. 2020, Algorithm 2: ancestral sampling with sigma_t^2 = beta_t."""
+    levels = _levels(denoiser, steps)
+    for i, (t, ab_t, ab_prev) in enumerate(levels):
+        eps, x0 = denoiser.predict(x, t)
+        x = ddpm_mean(x, eps, ab_t, ab_prev)  # 4. mu_theta(x_t, t)
+        if i + 1 < len(levels):  # 3. z = 0 on the last step
+            x = x + math.sqrt(1 - ab_t / ab_prev) * randn(x, generator)
+        if callback is not None:
+            callback(Step(i, t, x, x0))
+    return x
+
+
+@torch.inference_mode()
+def sample_ddpm_x0(denoiser, x, steps, generator, callback=None):
+    """Ho et al. 2020, eqs. 6-7: predict x0, then sample the posterior q(x_{t-1} | x_t, x0) (no clipping)."""
+    levels = _levels(denoiser, steps)
+    for i, (t, ab_t, ab_prev) in enumerate(levels):
+        eps, x0 = denoiser.predict(x, t)
+        x = posterior_mean(x, x0, ab_t, ab_prev)
+        if i + 1 < len(levels):
+            # 7. beta~_t = (1 - ab_prev) / (1 - ab_t) * beta_t
+            x = x + math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)) * randn(x, generator)
+        if callback is not None:
+            callback(Step(i, t, x, x0))
+    return x
+
+
+@torch.inference_mode()
+def sample_ddim(denoiser, x, steps, generator, callback=None, eta: float = 0.0):
+    """Song et al. 2021, eq. 12: DDIM, deterministic at eta = 0, DDPM-like at eta = 1."""
+    levels = _levels(denoiser, steps)
+    for i, (t, ab_t, ab_prev) in enumerate(levels):
+        eps, x0 = denoiser.predict(x, t)
+        # 16. sigma_t(eta) = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev)
+        sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
+        # 12. x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
+        x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * randn(x, generator)
+        if callback is not None:
+            callback(Step(i, t, x, x0))
+    return x
+
+
+@torch.inference_mode()
+def sample_dpmpp_2m(denoiser, x, steps, generator, callback=None):
+    """Lu et al. 2022, Algorithm 2: DPM-Solver++(2M), data prediction, first order on the first and last steps."""
+    levels = _levels(denoiser, steps)
+
+    def lam(ab: float) -> float:  # lambda = log(alpha / sigma), half the log-SNR
+        return 0.5 * (math.log(ab) - math.log1p(-ab))
+
+    x0_prev, h_prev = None, 0.0
+    for i, (t, ab_s, ab_t) in enumerate(levels):
+        _, x0 = denoiser.predict(x, t)
+        if i + 1 == len(levels):
+            # The last step lands on sigma = 0, where the first-order update is exactly x0.
+            x = x0
+        else:
+            h = lam(ab_t) - lam(ab_s)
+            alpha_t, sigma_t, sigma_s = math.sqrt(ab_t), math.sqrt(1 - ab_t), math.sqrt(1 - ab_s)
+            d = x0
+            if x0_prev is not None:
+                # D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}, r = h_{i-1} / h_i (midpoint form)
+                d = x0 + 0.5 * (h / h_prev) * (x0 - x0_prev)
+            # x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D
+            x = (sigma_t / sigma_s) * x - alpha_t * math.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(Step(i, t, x, x0))
+    return x
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str
+    fn: Callable
+    description: str
+    paper: str
+    default_steps: int | None  # None: all T levels
+    params: dict = field(default_factory=dict)  # extra parameter -> (default, low, high, description)
+    stochastic: bool = True
+
+    def steps_default(self, num_timesteps: int) -> int:
+        return num_timesteps if self.default_steps is None else min(self.default_steps, num_timesteps)
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    s.name: s
+    for s in [
+        SamplerSpec(
+            "ddpm",
+            sample_ddpm,
+            "Ancestral DDPM, variance beta_t (the original notebook's sampler)",
+            "Ho et al. 2020, Algorithm 2",
+            None,
+        ),
+        SamplerSpec(
+            "ddpm_x0",
+            sample_ddpm_x0,
+            "Predict x0, then sample the posterior q(x_t-1 | x_t, x0)",
+            "Ho et al. 2020, eqs. 6-7 (diffusers' DDPMScheduler)",
+            None,
+        ),
+        SamplerSpec(
+            "ddim",
+            sample_ddim,
+            "DDIM; deterministic at eta = 0",
+            "Song et al. 2021, eq. 12",
+            None,
+            {"eta": (0.0, 0.0, 1.0, "stochasticity: 0 = deterministic ODE, 1 = DDPM-like")},
+        ),
+        SamplerSpec(
+            "dpmpp_2m",
+            sample_dpmpp_2m,
+            "DPM-Solver++(2M): second-order multistep ODE solver for few steps",
+            "Lu et al. 2022, Algorithm 2",
+            10,
+            stochastic=False,
+        ),
+    ]
+}
+
+
+class SamplerError(ValueError):
+    """Bad sampler name, steps or parameters; the message names the parameter and what is allowed."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    if name not in SAMPLERS:
+        raise SamplerError("sampler", f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def resolve_steps(spec: SamplerSpec, steps: int | None, num_timesteps: int) -> int:
+    if steps is None:
+        return spec.steps_default(num_timesteps)
+    if not 1 <= steps <= num_timesteps:
+        raise SamplerError("steps", f"steps must be in 1..{num_timesteps} for this model, got {steps}")
+    return steps
+
+
+def resolve_params(spec: SamplerSpec, params: dict[str, float | None]) -> dict[str, float]:
+    out = {}
+    for name, value in params.items():
+        if value is None:
+            continue
+        if name not in spec.params:
+            takes = ", ".join(spec.params) or "no extra parameters"
+            raise SamplerError(name, f"{name} is not a parameter of sampler {spec.name!r} (it takes {takes})")
+        _, low, high, _ = spec.params[name]
+        if not low <= value <= high:
+            raise SamplerError(name, f"{name} must be in [{low}, {high}] for sampler {spec.name!r}, got {value}")
+        out[name] = value
+    return out
+
+
+def initial_noise(n: int, generator: torch.Generator | NoiseSources, device, dtype=torch.float32) -> torch.Tensor:
+    return randn(torch.empty((n, 2), device=device, dtype=dtype), generator)
+
+
+def sample(
+    denoiser: Denoiser,
+    name: str,
+    n: int,
+    generator,
+    steps: int | None = None,
+    callback: Callback | None = None,
+    **params,
+) -> torch.Tensor:
+    """Validate, draw x_T from the request's generator, run the named sampler."""
+    spec = get_sampler(name)
+    steps = resolve_steps(spec, steps, denoiser.num_timesteps)
+    params = resolve_params(spec, params)
+    x = initial_noise(n, generator, denoiser.device)
+    return spec.fn(denoiser, x, steps, generator, callback, **params)

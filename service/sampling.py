@@ -1,0 +1,82 @@
+"""Runs one request's sampling job: validate against the loaded model, seed, sample in a compute slot."""
+
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from service.checkpoint import LoadedModel
+from service.compute import ComputeGate, Job, Timing
+from service.samplers import (
+    SamplerSpec,
+    Step,
+    get_sampler,
+    initial_noise,
+    resolve_params,
+    resolve_steps,
+    timesteps,
+)
+from service.schemas import SamplingParams
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request: what will run, with the seed fixed (drawn if the client gave none)."""
+
+    spec: SamplerSpec
+    n: int
+    steps: int
+    seed: int
+    params: dict[str, float]
+
+    def describe(self) -> dict:
+        return {"n": self.n, "sampler": self.spec.name, "steps": self.steps, "seed": self.seed, **self.params}
+
+
+@dataclass(frozen=True)
+class Result:
+    points: np.ndarray  # [n, 2] float32
+    timesteps: list[int]
+    frames: np.ndarray | None  # [steps + 1, n, 2]: x_T, then the state after every step
+    x0: np.ndarray | None  # [steps, n, 2]
+    timing: Timing
+
+
+def plan(model: LoadedModel, params: SamplingParams) -> Plan:
+    """Raises SamplerError (-> 422) for steps beyond this model's T or parameters the sampler lacks."""
+    spec = get_sampler(params.sampler.value)
+    steps = resolve_steps(spec, params.steps, model.denoiser.num_timesteps)
+    extra = resolve_params(spec, {"eta": params.eta})
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    return Plan(spec, params.n, steps, seed, extra)
+
+
+def run_plan(model: LoadedModel, p: Plan, job: Job, record: bool = False, record_x0: bool = False):
+    """The work done in a compute thread. Returns (points, frames, x0s) as numpy arrays."""
+    device = model.device
+    generator = torch.Generator(device=device).manual_seed(p.seed)
+    x = initial_noise(p.n, generator, device)
+    frames: list[torch.Tensor] = [x] if record else []
+    x0s: list[torch.Tensor] = []
+
+    def callback(step: Step) -> None:
+        job.check()  # deadline and client disconnect are honoured at every step boundary
+        if record:
+            frames.append(step.x)
+        if record_x0:
+            x0s.append(step.x0)
+
+    out = p.spec.fn(model.denoiser, x, p.steps, generator, callback, **p.params)
+    # One device->host copy per array, after all steps: no per-step synchronization.
+    stacked = torch.stack(frames).cpu().numpy() if record else None
+    return out.cpu().numpy(), stacked, (torch.stack(x0s).cpu().numpy() if record_x0 else None)
+
+
+async def sample_points(
+    gate: ComputeGate, model: LoadedModel, p: Plan, is_disconnected=None, record: bool = False, record_x0: bool = False
+) -> Result:
+    (points, frames, x0), timing = await gate.run(
+        lambda job: run_plan(model, p, job, record, record_x0), is_disconnected
+    )
+    return Result(points, timesteps(model.denoiser.num_timesteps, p.steps), frames, x0, timing)

@@ -1,0 +1,77 @@
+"""Query parameters of the sampling endpoints. Every parameter that costs compute has a hard bound here."""
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.samplers import SAMPLERS
+
+SamplerName = StrEnum("SamplerName", {name: name for name in SAMPLERS})
+
+SAMPLE_N_MAX = 100_000
+TRAJECTORY_N_MAX = 5_000
+ANIMATION_N_MAX = 20_000
+STEPS_MAX = 1000  # the largest T training accepts; the loaded model's own T is checked per request
+SEED_MAX = 2**63 - 1
+
+
+class SamplingParams(BaseModel):
+    # Unknown query parameters are errors, not silently ignored typos.
+    model_config = ConfigDict(extra="forbid")
+
+    sampler: SamplerName = Field(
+        SamplerName.ddpm, description="sampling algorithm (see /samplers)", examples=["ddpm", "dpmpp_2m"]
+    )
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=STEPS_MAX,
+        examples=[40, 10],
+        description="denoising steps, 1..T of the model (default: the sampler's default)",
+    )
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, examples=[0], description="random seed; omitted: one is drawn and returned"
+    )
+    eta: float | None = Field(None, ge=0.0, le=1.0, examples=[0.0], description="ddim only: 0 = deterministic")
+
+
+class SampleParams(SamplingParams):
+    n: int = Field(1000, ge=1, le=SAMPLE_N_MAX, description="number of points", examples=[10000])
+    format: Literal["json", "npy"] = Field(
+        "json", description="json, or npy for a float32 [n, 2] array", examples=["json", "npy"]
+    )
+
+
+class TrajectoryParams(SamplingParams):
+    n: int = Field(500, ge=1, le=TRAJECTORY_N_MAX, description="number of points per frame", examples=[2000])
+    include_x0: bool = Field(False, description="also return each step's predicted clean points", examples=[True])
+
+
+class AnimationParams(SamplingParams):
+    n: int = Field(5000, ge=1, le=ANIMATION_N_MAX, description="number of points", examples=[10000])
+    fps: int = Field(10, ge=1, le=60, description="frames per second", examples=[10])
+    size: int = Field(480, ge=240, le=1080, description="width and height in pixels (rounded to even)", examples=[480])
+
+
+PARAMS_BY_PATH: dict[str, type[SamplingParams]] = {
+    "/sample": SampleParams,
+    "/trajectory": TrajectoryParams,
+    "/animation": AnimationParams,
+}
+
+
+def allowed_values(path: str, name: str) -> str | None:
+    """'1..100000', 'ddpm, ddim, ...' for a query parameter of a sampling endpoint, from the schema itself."""
+    model = PARAMS_BY_PATH.get(path)
+    field = model.model_fields.get(name) if model else None
+    if field is None:
+        return ", ".join(sorted(model.model_fields)) if model else None
+    if isinstance(field.annotation, type) and issubclass(field.annotation, StrEnum):
+        return ", ".join(field.annotation)
+    low = next((m.ge for m in field.metadata if hasattr(m, "ge")), None)
+    high = next((m.le for m in field.metadata if hasattr(m, "le")), None)
+    if low is not None and high is not None:
+        return f"{low}..{high}"
+    args = getattr(field.annotation, "__args__", ())
+    return ", ".join(map(str, args)) if args and all(isinstance(a, str) for a in args) else None

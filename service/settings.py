@@ -1,0 +1,32 @@
+"""Service configuration: every field can be set from the environment as SWISSROLL_<NAME>."""
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SWISSROLL_", extra="forbid")
+
+    checkpoint: Path = Field(Path("checkpoints/swissroll.pt"), description="TorchScript checkpoint to serve")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    # 0 = one intra-op thread per core. One sampling job at a time uses them all, so concurrent
+    # requests queue for the cores instead of oversubscribing them.
+    torch_threads: int = Field(0, ge=0, le=256)
+    max_concurrency: int = Field(1, ge=1, le=64, description="sampling jobs running at once")
+    max_queue: int = Field(32, ge=0, le=10_000, description="jobs waiting for a slot; beyond it: 503")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline: 503 if not started, 504 if not done")
+    drain_s: float = Field(20.0, ge=0, le=600, description="graceful-shutdown time for in-flight requests")
+    animation_cache_mb: int = Field(64, ge=0, le=4096)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
+    log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
+    warmup: bool = True
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value

@@ -1,0 +1,1 @@
+"""Offline half of swissroll-diffusion: data, schedules, network, training loop, checkpoint export."""

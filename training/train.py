@@ -1,0 +1,200 @@
+"""The training loop: noise the data at random levels, regress the network's target, export the result."""
+
+import copy
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from training.data import load_swiss_roll
+from training.export import save_checkpoint
+from training.model import DenoiserMLP, flops_per_sample, get_preset
+from training.schedules import SCHEDULES, make_alphas_cumprod
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "default"
+    epochs: int = 100
+    batch_size: int = 2048
+    lr: float = 1e-3
+    final_lr_fraction: float = 0.01
+    ema_decay: float = 0.0  # 0 disables the exponential moving average of weights
+    num_timesteps: int = 40
+    schedule: str = "cosine"
+    n_samples: int = 100_000
+    data_noise: float = 0.5
+    val_fraction: float = 0.1
+    data_seed: int = 0
+    seed: int = 0
+    device: str = "auto"
+    out: str = "checkpoints/swissroll.pt"
+    loss_curve: bool = True
+    progress: bool = True
+    notes: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Reject bad values before any work starts."""
+        get_preset(self.preset)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid schedules: {', '.join(sorted(SCHEDULES))}")
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 < self.final_lr_fraction <= 1, f"final_lr_fraction must be in (0, 1], got {self.final_lr_fraction}"),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            (2 <= self.num_timesteps <= 1000, f"num_timesteps must be in 2..1000, got {self.num_timesteps}"),
+            (self.n_samples >= 20, f"n_samples must be >= 20, got {self.n_samples}"),
+            (self.data_noise >= 0, f"data_noise must be >= 0, got {self.data_noise}"),
+            (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        resolve_device(self.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"invalid device {name!r}; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"invalid device {name!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def diffusion_target(x0, eps, alpha_bar, prediction_type: str) -> torch.Tensor:
+    if prediction_type == "epsilon":
+        return eps
+    # v-prediction (Salimans & Ho 2022, eq. 9): v = alpha * eps - sigma * x0.
+    return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
+
+
+def diffusion_loss(net, x0, alphas_cumprod, prediction_type, generator) -> torch.Tensor:
+    t = torch.randint(0, alphas_cumprod.numel(), (x0.shape[0],), generator=generator, device=x0.device)
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+    alpha_bar = alphas_cumprod[t].unsqueeze(1)
+    # Forward process q(x_t | x_0) = N(sqrt(alpha_bar) x_0, (1 - alpha_bar) I).
+    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+    return nn.functional.mse_loss(net(x_t, t), diffusion_target(x0, eps, alpha_bar, prediction_type))
+
+
+@torch.no_grad()
+def validation_loss(net, val, alphas_cumprod, prediction_type, seed: int) -> float:
+    # Fixed levels and noise each epoch, so the curve shows the model changing, not the noise.
+    generator = torch.Generator(device=val.device).manual_seed(seed)
+    return diffusion_loss(net, val, alphas_cumprod, prediction_type, generator).item()
+
+
+def train(config: TrainConfig) -> dict:
+    """Train, export the checkpoint to config.out, return the metadata it carries."""
+    config.validate()
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    data = load_swiss_roll(config.n_samples, config.data_noise, config.data_seed, config.val_fraction)
+    train_x, val_x = data.train.to(device), data.val.to(device)
+    alphas_cumprod64 = make_alphas_cumprod(config.schedule, config.num_timesteps)
+    alphas_cumprod = alphas_cumprod64.float().to(device)
+
+    net_config = get_preset(config.preset)
+    net = DenoiserMLP(net_config, config.num_timesteps).to(device)
+    ema = copy.deepcopy(net).requires_grad_(False) if config.ema_decay > 0 else None
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    batches_per_epoch = -(-train_x.shape[0] // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LinearLR(
+        optimizer, 1.0, config.final_lr_fraction, total_iters=config.epochs * batches_per_epoch
+    )
+
+    history: list[tuple[float, float]] = []
+    start = time.perf_counter()
+    bar = tqdm(range(config.epochs), desc="training", unit="epoch", disable=not config.progress)
+    for _epoch in bar:
+        net.train()
+        order = torch.randperm(train_x.shape[0], generator=generator, device=device)
+        epoch_loss = torch.zeros((), device=device)
+        for i in range(batches_per_epoch):
+            batch = train_x[order[i * config.batch_size : (i + 1) * config.batch_size]]
+            loss = diffusion_loss(net, batch, alphas_cumprod, net_config.prediction_type, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
+                        p_ema.lerp_(p, 1 - config.ema_decay)
+            # detach(): summing the loss tensor itself would keep every batch's graph alive.
+            epoch_loss += loss.detach()
+        final_net = ema if ema is not None else net
+        final_net.eval()
+        val_loss = validation_loss(final_net, val_x, alphas_cumprod, net_config.prediction_type, config.seed + 1)
+        history.append(((epoch_loss / batches_per_epoch).item(), val_loss))
+        bar.set_postfix(loss=f"{history[-1][0]:.4f}", val_loss=f"{val_loss:.4f}")
+    seconds = time.perf_counter() - start
+
+    metadata = {
+        "num_timesteps": config.num_timesteps,
+        "schedule": config.schedule,
+        "prediction_type": net_config.prediction_type,
+        "model": {
+            "preset": config.preset,
+            "architecture": "DenoiserMLP",
+            **net_config.to_dict(),
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "flops_per_sample": flops_per_sample(net_config),
+        },
+        "data": {
+            "source": "sklearn.datasets.make_swiss_roll, coordinates [0, 2]",
+            "mean": list(data.mean),
+            "std": list(data.std),
+            "noise": config.data_noise,
+            "n_samples": config.n_samples,
+            "n_train": int(train_x.shape[0]),
+            "n_val": int(val_x.shape[0]),
+            "seed": config.data_seed,
+        },
+        "training": {
+            "config": {k: v for k, v in asdict(config).items() if k not in ("progress", "loss_curve")},
+            "final_train_loss": history[-1][0],
+            "final_val_loss": history[-1][1],
+            "loss_history": [[round(a, 5), round(b, 5)] for a, b in history],
+            "seconds": round(seconds, 2),
+            "device": str(device),
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+        },
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    out = save_checkpoint(final_net, alphas_cumprod64, metadata, config.out)
+    if config.loss_curve:
+        write_loss_curve(history, out.with_suffix(".loss.png"), config.preset)
+    return metadata
+
+
+def write_loss_curve(history: list[tuple[float, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    epochs = range(1, len(history) + 1)
+    ax.plot(epochs, [h[0] for h in history], label="train")
+    ax.plot(epochs, [h[1] for h in history], label="validation")
+    ax.set(xlabel="epoch", ylabel="MSE", title=f"loss ({title})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
