@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from service import samplers as S
-from service.denoiser import Denoiser
 from service.samplers import SAMPLERS, SamplerError, sample, timesteps
 from tests.service.gaussian_oracle import MU, SIGMA, empirical_moments, exact_moments, oracle
 from training.schedules import make_alphas_cumprod
