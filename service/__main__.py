@@ -3,6 +3,7 @@
 import ctypes
 import ctypes.util
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -36,6 +37,19 @@ def tune_allocator() -> bool:
         return False
 
 
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: not ready and refusing new work at once; uvicorn then drains in-flight requests."""
+
+    def __init__(self, config: uvicorn.Config, app):
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig, frame) -> None:
+        self.app.state.ready = False
+        self.app.state.gate.accepting = False
+        super().handle_exit(sig, frame)
+
+
 def main() -> None:
     try:
         settings = Settings()
@@ -48,14 +62,19 @@ def main() -> None:
         model = load_model(settings.checkpoint, resolve_device(settings.device))
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
-    uvicorn.run(
-        create_app(settings, model),
+    app = create_app(settings, model)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         access_log=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.drain_s),
     )
+    # uvicorn re-raises the signal after a graceful shutdown (exit status -15); a drained server exits 0 instead.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    DrainingServer(config, app).run()
 
 
 if __name__ == "__main__":

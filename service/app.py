@@ -6,12 +6,14 @@ import os
 import threading
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
 from service.checkpoint import LoadedModel, load_model, resolve_device
 from service.compute import Cancelled, ComputeGate, DeadlineExceeded, Job, Overloaded
@@ -24,6 +26,7 @@ from service.schemas import SampleParams, allowed_values
 from service.settings import Settings
 
 log = logging.getLogger("swissroll")
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 def _warm_up(model: LoadedModel) -> None:
@@ -68,6 +71,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     app.state.gate = ComputeGate(settings.max_concurrency, settings.max_queue, settings.request_timeout_s)
     app.state.metrics = Metrics()
     app.include_router(router)
+    app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     _install_error_handlers(app)
     _install_request_log(app)
     if settings.cors_origins:

@@ -85,11 +85,17 @@ class ComputeGate:
         self.running += 1
         began = time.monotonic()
         try:
+            error: Exception | None = None
             async with anyio.create_task_group() as tg:
                 if is_disconnected is not None:
                     tg.start_soon(_watch_disconnect, is_disconnected, job)
-                result = await anyio.to_thread.run_sync(work, job, limiter=self._threads)
+                try:
+                    result = await anyio.to_thread.run_sync(work, job, limiter=self._threads)
+                except Exception as e:  # kept out of the task group, which would wrap it in an ExceptionGroup
+                    error = e
                 tg.cancel_scope.cancel()
+            if error is not None:
+                raise error
         finally:
             self.running -= 1
             self._slots.release()

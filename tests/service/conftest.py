@@ -1,0 +1,49 @@
+import hashlib
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from training.export import save_checkpoint
+from training.model import DenoiserMLP, NetConfig
+from training.schedules import make_alphas_cumprod
+
+TINY_T = 10
+
+
+def write_tiny_checkpoint(path, prediction_type="v", num_timesteps=TINY_T, **metadata_overrides):
+    """A small scripted checkpoint (untrained, width 8) that honours the contract: API tests need shapes, not skill."""
+    config = NetConfig(width=8, blocks=1, residual=True, time_embedding="sinusoidal", prediction_type=prediction_type)
+    net = DenoiserMLP(config, num_timesteps)
+    metadata = {
+        "num_timesteps": num_timesteps,
+        "schedule": "cosine",
+        "prediction_type": prediction_type,
+        "model": {"preset": "tiny-test"},
+        "data": {"mean": [0.0, 0.0], "std": [1.0, 1.0]},
+        "training": {"final_train_loss": 1.0, "final_val_loss": 1.0},
+        "created_at": "2026-01-01T00:00:00+00:00",
+        **metadata_overrides,
+    }
+    return save_checkpoint(net, make_alphas_cumprod("cosine", num_timesteps), metadata, path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_id(tiny_checkpoint):
+    return hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+
+
+def make_settings(checkpoint, **overrides) -> Settings:
+    return Settings(checkpoint=checkpoint, device="cpu", torch_threads=1, **overrides)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoint):
+    with TestClient(create_app(make_settings(tiny_checkpoint))) as c:
+        yield c

@@ -1,0 +1,96 @@
+"""Admission control: bounded queue, deadlines, cancellation."""
+
+import threading
+import time
+
+import anyio
+import pytest
+
+from service.compute import Cancelled, ComputeGate, DeadlineExceeded, Overloaded
+
+
+def test_queue_full_is_refused_at_once_with_retry_after():
+    async def main():
+        gate = ComputeGate(max_concurrency=1, max_queue=1, timeout_s=10)
+        release = threading.Event()
+        outcomes = []
+
+        async def submit():
+            try:
+                await gate.run(lambda job: release.wait(5))
+                outcomes.append("ok")
+            except Overloaded as e:
+                outcomes.append(("503", e.retry_after_s))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(submit)
+                await anyio.sleep(0.05)
+            await anyio.sleep(0.1)
+            assert outcomes.count(("503", outcomes[0][1] if outcomes else 1)) == 2 or len(outcomes) == 2
+            release.set()
+        return outcomes
+
+    outcomes = anyio.run(main)
+    assert outcomes.count("ok") == 2, "one running + one queued"
+    refused = [o for o in outcomes if o != "ok"]
+    assert len(refused) == 2 and all(r[1] >= 1 for r in refused)
+
+
+def test_cannot_start_before_deadline_is_503():
+    async def main():
+        gate = ComputeGate(max_concurrency=1, max_queue=10, timeout_s=0.2)
+        release = threading.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(gate.run, lambda job: release.wait(2))
+            await anyio.sleep(0.05)
+            with pytest.raises(Overloaded, match="could not start within"):
+                await gate.run(lambda job: None)
+            release.set()
+
+    anyio.run(main)
+
+
+def test_running_past_deadline_is_abandoned_at_a_step_boundary():
+    steps_done = []
+
+    def work(job):
+        for i in range(100):
+            job.check()
+            steps_done.append(i)
+            time.sleep(0.01)
+
+    async def main():
+        gate = ComputeGate(max_concurrency=1, max_queue=0, timeout_s=0.1)
+        with pytest.raises(DeadlineExceeded):
+            await gate.run(work)
+        assert gate.running == 0 and gate.waiting == 0
+        # The slot was freed: the next job runs.
+        result, timing = await gate.run(lambda job: 42)
+        assert result == 42 and timing.queue_s < 0.05
+
+    anyio.run(main)
+    assert 3 < len(steps_done) < 30
+
+
+def test_client_disconnect_stops_the_work():
+    steps_done = []
+
+    def work(job):
+        for i in range(500):
+            job.check()
+            steps_done.append(i)
+            time.sleep(0.01)
+
+    async def main():
+        gate = ComputeGate(max_concurrency=1, max_queue=0, timeout_s=60)
+        start = time.monotonic()
+
+        async def disconnected():
+            return time.monotonic() - start > 0.15
+
+        with pytest.raises(Cancelled):
+            await gate.run(work, disconnected)
+
+    anyio.run(main)
+    assert len(steps_done) < 60

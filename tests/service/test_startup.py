@@ -1,0 +1,113 @@
+"""Start-up: a bad checkpoint or setting stops the process with one line and a non-zero exit code."""
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+from service.checkpoint import CheckpointError, load_model
+from tests.service.conftest import write_tiny_checkpoint
+from tests.service.live_server import REPO
+
+
+def run_service(tmp_path, **env):
+    full_env = {**os.environ, "SWISSROLL_PORT": "1", **env}  # never reaches binding: start-up must fail first
+    return subprocess.run(
+        [sys.executable, "-m", "service"], cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=60
+    )
+
+
+def assert_one_line_failure(result, *needles):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got:\n{result.stderr}"
+    for needle in needles:
+        assert needle in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_checkpoint(tmp_path):
+    missing = tmp_path / "nope.pt"
+    assert_one_line_failure(run_service(tmp_path, SWISSROLL_CHECKPOINT=str(missing)), str(missing), "file not found")
+
+
+def test_truncated_checkpoint(tmp_path, tiny_checkpoint):
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(tiny_checkpoint.read_bytes()[:2000])
+    assert_one_line_failure(run_service(tmp_path, SWISSROLL_CHECKPOINT=str(bad)), str(bad), "truncated or corrupt")
+
+
+def test_garbage_checkpoint(tmp_path):
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"this is not a model" * 100)
+    assert_one_line_failure(run_service(tmp_path, SWISSROLL_CHECKPOINT=str(bad)), str(bad))
+
+
+def test_invalid_setting(tmp_path):
+    assert_one_line_failure(run_service(tmp_path, SWISSROLL_DEVICE="tpu"), "SWISSROLL_DEVICE")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_requested_without_cuda(tmp_path):
+    ckpt = REPO / "checkpoints" / "swissroll.pt"
+    assert_one_line_failure(
+        run_service(tmp_path, SWISSROLL_CHECKPOINT=str(ckpt), SWISSROLL_DEVICE="cuda"), "CUDA is not available"
+    )
+
+
+# --- the contract checks themselves, in-process ----------------------------------------------------------------
+
+
+def test_metadata_missing_keys(tmp_path):
+    path = tmp_path / "m.pt"
+    write_tiny_checkpoint(path)
+    # Rewrite metadata.json without 'training' inside the archive.
+    with zipfile.ZipFile(path) as z:
+        items = {i.filename: z.read(i.filename) for i in z.infolist()}
+    name = next(n for n in items if n.endswith("extra/metadata.json"))
+    import json
+
+    meta = json.loads(items[name])
+    del meta["training"]
+    items[name] = json.dumps(meta).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in items.items():
+            z.writestr(n, data)
+    with pytest.raises(CheckpointError, match="lacks training"):
+        load_model(path, torch.device("cpu"))
+
+
+def test_unknown_prediction_type(tmp_path):
+    path = write_tiny_checkpoint(tmp_path / "p.pt")
+    with zipfile.ZipFile(path) as z:
+        items = {i.filename: z.read(i.filename) for i in z.infolist()}
+    name = next(n for n in items if n.endswith("extra/metadata.json"))
+    items[name] = items[name].replace(b'"prediction_type": "v"', b'"prediction_type": "sample"')
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in items.items():
+            z.writestr(n, data)
+    with pytest.raises(CheckpointError, match="prediction_type 'sample'"):
+        load_model(path, torch.device("cpu"))
+
+
+def test_schedule_length_must_match_metadata(tmp_path):
+    path = write_tiny_checkpoint(tmp_path / "s.pt", num_timesteps=10)
+    with zipfile.ZipFile(path) as z:
+        items = {i.filename: z.read(i.filename) for i in z.infolist()}
+    name = next(n for n in items if n.endswith("extra/metadata.json"))
+    items[name] = items[name].replace(b'"num_timesteps": 10', b'"num_timesteps": 12')
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in items.items():
+            z.writestr(n, data)
+    with pytest.raises(CheckpointError, match=r"float64 of shape \[12\]"):
+        load_model(path, torch.device("cpu"))
+
+
+def test_committed_checkpoint_loads(tmp_path):
+    model = load_model(REPO / "checkpoints" / "swissroll.pt", torch.device("cpu"))
+    assert model.denoiser.num_timesteps == 40
+    assert model.metadata["prediction_type"] in ("epsilon", "v")
+    assert len(model.id) == 64
