@@ -24,6 +24,7 @@ from service.samplers import SAMPLERS, SamplerError
 from service.sampling import plan, run_plan
 from service.schemas import SampleParams, allowed_values
 from service.settings import Settings
+from service.video_cache import VideoCache
 
 log = logging.getLogger("swissroll")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     app.state.ready = False
     app.state.gate = ComputeGate(settings.max_concurrency, settings.max_queue, settings.request_timeout_s)
     app.state.metrics = Metrics()
+    app.state.video_cache = VideoCache(settings.animation_cache_mb << 20)
     app.include_router(router)
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     _install_error_handlers(app)
@@ -79,7 +81,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET"],
-            expose_headers=["X-Seed", "X-Model", "X-Elapsed-Ms"],
+            expose_headers=["X-Seed", "X-Model", "X-Elapsed-Ms", "X-Cache", "Content-Range", "ETag"],
         )
     return app
 

@@ -1,17 +1,21 @@
 """HTTP routes: validate, call, serialize. Nothing here does maths."""
 
+import hashlib
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.byte_ranges import not_modified, ranged_response
 from service.checkpoint import LoadedModel
 from service.compute import ComputeGate
 from service.encoding import compact, json_response, npy_response
 from service.metrics import Metrics
+from service.render import even
 from service.samplers import SAMPLERS
-from service.sampling import Result, plan, sample_points
-from service.schemas import SampleParams, TrajectoryParams
+from service.sampling import Result, plan, render_animation, sample_points
+from service.schemas import AnimationParams, SampleParams, TrajectoryParams
+from service.video_cache import VideoCache
 
 
 def get_model(request: Request) -> LoadedModel:
@@ -26,9 +30,14 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+def get_video_cache(request: Request) -> VideoCache:
+    return request.app.state.video_cache
+
+
 Model = Annotated[LoadedModel, Depends(get_model)]
 Gate = Annotated[ComputeGate, Depends(get_gate)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+Cache = Annotated[VideoCache, Depends(get_video_cache)]
 
 router = APIRouter()
 
@@ -79,6 +88,53 @@ async def trajectory(
     if params.include_x0:
         payload["x0"] = compact(result.x0)
     return json_response(payload, headers={"X-Seed": str(p.seed)})
+
+
+@router.get(
+    "/animation",
+    summary="MP4 (H.264) of one sampling run's denoising, seekable (Range requests)",
+    tags=["sampling"],
+    response_class=Response,
+    responses={
+        200: {"content": {"video/mp4": {}}},
+        206: {"description": "partial content"},
+        304: {"description": "not modified"},
+        416: {"description": "range not satisfiable"},
+    },
+)
+async def animation(
+    params: Annotated[AnimationParams, Query()],
+    request: Request,
+    model: Model,
+    gate: Gate,
+    metrics: MetricsDep,
+    cache: Cache,
+) -> Response:
+    p = plan(model, params)
+    request.state.sampler = p.spec.name
+    size = even(params.size)
+    key = f"{model.id}|{p.spec.name}|{p.steps}|{p.params.get('eta')}|{p.seed}|{p.n}|{params.fps}|{size}"
+    etag = f'"{hashlib.sha256(key.encode()).hexdigest()[:32]}"'
+    headers = {"X-Seed": str(p.seed)}
+    if params.seed is None:
+        # A drawn seed makes this URL's content differ per request: point at the reproducible one, never cache.
+        headers["Content-Location"] = f"{request.url.path}?{request.url.query}&seed={p.seed}".replace("?&", "?")
+        headers["Cache-Control"] = "no-store"
+    else:
+        headers["Cache-Control"] = "public, max-age=86400, immutable"  # deterministic given all parameters
+        if not_modified(request, etag):
+            return Response(status_code=304, headers={**headers, "ETag": etag})
+
+    async def render() -> bytes:
+        data, timing = await render_animation(gate, model, p, size, params.fps, request.is_disconnected)
+        metrics.points.labels(p.spec.name).inc(p.n)
+        metrics.queue_wait.observe(timing.queue_s)
+        metrics.compute.labels("/animation", p.spec.name).observe(timing.compute_s)
+        return data
+
+    data, cached = await cache.get_or_render(key, render)
+    headers["X-Cache"] = "hit" if cached else "miss"
+    return ranged_response(request, data, "video/mp4", etag, headers)
 
 
 @router.get("/samplers", summary="The samplers this server offers, with their steps and parameters", tags=["model"])

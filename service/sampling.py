@@ -8,6 +8,7 @@ import torch
 
 from service.checkpoint import LoadedModel
 from service.compute import ComputeGate, Job, Timing
+from service.render import animation_mp4
 from service.samplers import (
     SamplerSpec,
     Step,
@@ -80,3 +81,16 @@ async def sample_points(
         lambda job: run_plan(model, p, job, record, record_x0), is_disconnected
     )
     return Result(points, timesteps(model.denoiser.num_timesteps, p.steps), frames, x0, timing)
+
+
+async def render_animation(
+    gate: ComputeGate, model: LoadedModel, p: Plan, size: int, fps: int, is_disconnected=None
+) -> tuple[bytes, Timing]:
+    """Sample with a recorded trajectory and encode it, as one job in one compute slot."""
+
+    def work(job: Job) -> bytes:
+        _, frames, _ = run_plan(model, p, job, record=True)
+        job.check()
+        return animation_mp4(frames, p.spec.name, timesteps(model.denoiser.num_timesteps, p.steps), size, fps)
+
+    return await gate.run(work, is_disconnected)

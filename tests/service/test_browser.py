@@ -1,0 +1,259 @@
+"""The web page in a real browser: Playwright driving Debian's chromium against a real uvicorn process.
+
+Skips with a reason when chromium or the playwright package is missing, except under CI=true, where a
+missing browser is a failure. Screenshots go to test-artifacts/.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+PIXELS_MIN = 1500  # pixels that differ from the background on a drawn frame (a 500-point frame has ~10k)
+
+
+def _missing(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: the browser test must run in CI)")
+    pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.fixture(scope="module")
+def sync_playwright():
+    if not Path(CHROMIUM).exists() or not shutil.which(CHROMIUM):
+        _missing(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("the playwright package is not installed (pip install playwright; no browser download needed)")
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "SWISSROLL_PORT": str(port), "SWISSROLL_HOST": "127.0.0.1"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if _get(f"{base}/readyz", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready within 60 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def browser(sync_playwright):
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, reduced_motion="reduce")
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+# Pixels of the canvas that differ from its top-left corner (the background).
+COUNT_DRAWN = """() => {
+  const c = document.getElementById('canvas');
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let drawn = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    if (Math.abs(d[i] - d[0]) + Math.abs(d[i + 1] - d[1]) + Math.abs(d[i + 2] - d[2]) > 24) drawn++;
+  }
+  return drawn;
+}"""
+
+SET_FRAME = """(k) => {
+  const s = document.getElementById('slider');
+  s.value = String(k);
+  s.dispatchEvent(new Event('input', {bubbles: true}));
+}"""
+
+
+def _open(page, server):
+    with page.expect_response(lambda r: "/trajectory?" in r.url) as first:
+        page.goto(server + "/")
+    assert first.value.status == 200
+    page.wait_for_function("document.getElementById('canvas').dataset.frames > 0")
+    return first.value
+
+
+def test_page_animates_trajectory_and_reports_errors(page, server):
+    response = _open(page, server)
+    frames = len(response.json()["frames"])
+    assert int(page.get_attribute("#canvas", "data-frames")) == frames
+    assert page.locator("#sampler option").count() == len(json.loads(_get(server + "/samplers")[1]))
+
+    # non-empty frames, and different ones: the initial noise and the final samples
+    page.evaluate(SET_FRAME, 0)
+    noise_pixels = page.evaluate(COUNT_DRAWN)
+    noise_image = page.locator("#canvas").screenshot()
+    page.evaluate(SET_FRAME, frames - 1)
+    final_pixels = page.evaluate(COUNT_DRAWN)
+    assert noise_pixels > PIXELS_MIN and final_pixels > PIXELS_MIN, (noise_pixels, final_pixels)
+    assert page.locator("#canvas").screenshot() != noise_image
+    assert page.get_attribute("#canvas", "data-frame") == str(frames - 1)
+
+    # latency and the returned seed are shown
+    latency = page.inner_text("#latency")
+    assert "round trip" in latency and "server compute" in latency
+    assert response.headers["x-seed"] in latency
+
+    # playback: play advances frames
+    page.evaluate(SET_FRAME, 0)
+    page.click("#play")
+    page.wait_for_function("Number(document.getElementById('canvas').dataset.frame) > 0")
+
+    # changing the sampler triggers a new /trajectory request with that sampler; eta only for ddim
+    assert not page.is_visible("#eta")
+    with page.expect_request(lambda r: "/trajectory?" in r.url and "sampler=ddim" in r.url) as req:
+        page.select_option("#sampler", "ddim")
+    assert "eta=" in req.value.url
+    assert page.is_visible("#eta")
+    with page.expect_response(lambda r: "/trajectory?" in r.url and "sampler=dpmpp_2m" in r.url) as resp:
+        page.select_option("#sampler", "dpmpp_2m")
+    assert resp.value.status == 200 and "eta=" not in resp.value.url
+    assert not page.is_visible("#eta")
+    default_steps = next(s for s in json.loads(_get(server + "/samplers")[1]) if s["name"] == "dpmpp_2m")
+    assert page.input_value("#steps") == str(default_steps["steps"]["default"])
+    page.wait_for_function("document.getElementById('canvas').dataset.sampler === 'dpmpp_2m'")
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.evaluate(SET_FRAME, default_steps["steps"]["default"])
+    page.screenshot(path=str(ARTIFACTS / "page.png"), full_page=True)
+
+    # a bad value: the API's own 422 message is shown in the alert area
+    expected = json.loads(_get(server + "/trajectory?n=999999")[1])["detail"][0]["msg"]
+    assert not page.is_visible("#error")
+    page.fill("#n", "999999")
+    with page.expect_response(lambda r: "/trajectory?" in r.url and "n=999999" in r.url) as bad:
+        page.click("#run")
+    assert bad.value.status == 422
+    page.wait_for_selector("#error", state="visible")
+    assert expected in page.inner_text("#error")
+    assert page.get_attribute("#error", "role") == "alert"
+    page.screenshot(path=str(ARTIFACTS / "page-error.png"), full_page=True)
+
+    # a good value clears it
+    page.fill("#n", "300")
+    with page.expect_response(lambda r: "/trajectory?" in r.url and "n=300" in r.url) as good:
+        page.click("#run")
+    assert good.value.status == 200
+    page.wait_for_selector("#error", state="hidden")
+
+    # 503 (with its Retry-After) and network failures are shown too, not swallowed
+    busy = {"detail": "server overloaded: queue full; retry later"}
+    page.route(
+        "**/trajectory?*",
+        lambda route: route.fulfill(status=503, json=busy, headers={"Retry-After": "2"}),
+    )
+    page.click("#run")
+    page.wait_for_function("document.getElementById('error').textContent.includes('queue full')")
+    assert "503" in page.inner_text("#error") and "retry in 2 s" in page.inner_text("#error")
+    page.unroute("**/trajectory?*")
+    page.route("**/trajectory?*", lambda route: route.abort("connectionrefused"))
+    page.click("#run")
+    page.wait_for_function("document.getElementById('error').textContent.includes('Network error')")
+    page.unroute("**/trajectory?*")
+
+
+def test_page_at_phone_width(page, server):
+    page.set_viewport_size({"width": 375, "height": 740})
+    _open(page, server)
+    page.evaluate(SET_FRAME, 10_000)  # clamped to the last frame
+    assert page.evaluate(COUNT_DRAWN) > PIXELS_MIN
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "page-phone.png"), full_page=True)
+    scroll_width = page.evaluate("document.documentElement.scrollWidth")
+    assert scroll_width <= 375 + 1, f"horizontal overflow at 375 px: scrollWidth {scroll_width}"
+    box = page.locator("#canvas").bounding_box()
+    assert box and box["width"] >= 300 and box["x"] >= 0 and box["x"] + box["width"] <= 375
+
+
+def test_video_plays_mp4_from_animation(page, server):
+    status, _ = _get(server + "/animation?n=50&steps=2&seed=0&fps=5&size=240", timeout=60)
+    if status == 404:
+        pytest.skip("GET /animation answers 404: the endpoint is not in this build yet")
+    _open(page, server)
+    with page.expect_response(lambda r: "/animation?" in r.url, timeout=60_000) as mp4:
+        page.click("#load-mp4")
+    assert mp4.value.status in (200, 206)
+    assert mp4.value.headers["content-type"].startswith("video/mp4")
+    seed = page.inner_text("#latency .chip")
+    assert f"seed={seed}" in mp4.value.url  # the same run as on the canvas
+    page.wait_for_function(
+        "(() => { const v = document.getElementById('video');"
+        " return v.readyState >= 2 && v.duration > 0 && !v.error; })()",
+        timeout=60_000,
+    )
+    assert page.is_visible("#video")
+    assert not page.is_visible("#error")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "page-video.png"), full_page=True)
