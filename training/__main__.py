@@ -41,8 +41,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             help=f"{HELP[f.name]} (default: %(default)s)",
         )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--no-evaluate",
+        action="store_true",
+        help="skip measuring each sampler's quality (stored in the metadata) after training",
+    )
     args = parser.parse_args(argv)
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k != "no_progress"}, progress=not args.no_progress)
+    options = {k: v for k, v in vars(args).items() if k not in ("no_progress", "no_evaluate")}
+    config = TrainConfig(**options, progress=not args.no_progress, evaluate=not args.no_evaluate)
     try:
         config.validate()
     except ValueError as e:

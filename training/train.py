@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from service.denoiser import Denoiser
 from training.data import load_swiss_roll
+from training.evaluate import quality_summary
 from training.export import save_checkpoint
 from training.model import DenoiserMLP, flops_per_sample, get_preset
 from training.schedules import SCHEDULES, make_alphas_cumprod
@@ -35,6 +37,7 @@ class TrainConfig:
     device: str = "auto"
     out: str = "checkpoints/swissroll.pt"
     loss_curve: bool = True
+    evaluate: bool = True  # measure every sampler's quality and store it in the metadata
     progress: bool = True
     notes: dict = field(default_factory=dict)
 
@@ -166,7 +169,7 @@ def train(config: TrainConfig) -> dict:
             "seed": config.data_seed,
         },
         "training": {
-            "config": {k: v for k, v in asdict(config).items() if k not in ("progress", "loss_curve")},
+            "config": {k: v for k, v in asdict(config).items() if k not in ("progress", "loss_curve", "evaluate")},
             "final_train_loss": history[-1][0],
             "final_val_loss": history[-1][1],
             "loss_history": [[round(a, 5), round(b, 5)] for a, b in history],
@@ -177,6 +180,9 @@ def train(config: TrainConfig) -> dict:
         },
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if config.evaluate:
+        denoiser = Denoiser(final_net.cpu(), tuple(alphas_cumprod64.tolist()), net_config.prediction_type)
+        metadata["quality"] = quality_summary(denoiser, data.mean, data.std, config.data_noise)
     out = save_checkpoint(final_net, alphas_cumprod64, metadata, config.out)
     if config.loss_curve:
         write_loss_curve(history, out.with_suffix(".loss.png"), config.preset)

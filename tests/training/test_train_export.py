@@ -10,7 +10,7 @@ from training.export import load_checkpoint, save_checkpoint
 from training.model import PRESETS, DenoiserMLP
 from training.train import TrainConfig, train
 
-TINY = dict(epochs=2, batch_size=256, n_samples=2000, progress=False, loss_curve=False)
+TINY = dict(epochs=2, batch_size=256, n_samples=2000, progress=False, loss_curve=False, evaluate=False)
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +130,14 @@ def test_cli_help_documents_every_option(capsys):
         "--out",
     ):
         assert option in text
+
+
+def test_quality_is_measured_and_stored(tmp_path):
+    meta = train(TrainConfig(**{**TINY, "evaluate": True, "epochs": 1}, out=str(tmp_path / "q.pt")))
+    _, stored = load_checkpoint(tmp_path / "q.pt")
+    quality = stored["quality"]
+    assert quality == meta["quality"] and quality["metric"] == "sliced_w2"
+    assert set(quality["samplers"]) == {"ddpm", "ddpm_x0", "ddim", "dpmpp_2m"}
+    assert 0 < quality["floor"] < 0.05, "real-vs-real at n = 20,000"
+    # One epoch on 2,000 points is a poor model: its samples must be measurably worse than the floor.
+    assert all(row["ratio_to_floor"] > 1.5 for row in quality["samplers"].values())
