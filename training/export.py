@@ -47,6 +47,10 @@ def save_checkpoint(net: nn.Module, alphas_cumprod: torch.Tensor, metadata: dict
                 torch.jit.save(torch.jit.script(module), f, _extra_files=extra)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600; a checkpoint is meant to be read by others (e.g. a container's service user).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         # Also on KeyboardInterrupt: drop the partial temp file, leave the previous checkpoint untouched.
