@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
+from service.batching import Batcher
 from service.checkpoint import LoadedModel, load_model, resolve_device
 from service.compute import Cancelled, ComputeGate, DeadlineExceeded, Job, Overloaded
 from service.encoding import json_response
@@ -69,8 +70,17 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     )
     app.state.settings = settings
     app.state.ready = False
-    app.state.gate = ComputeGate(settings.max_concurrency, settings.max_queue, settings.request_timeout_s)
+    if model is not None:
+        app.state.model = model  # usable at once; ready only after the lifespan's warm-up
+    app.state.gate = ComputeGate(
+        settings.max_concurrency, settings.max_queue, settings.request_timeout_s, settings.max_points_in_flight
+    )
     app.state.metrics = Metrics()
+    app.state.batcher = (
+        Batcher(app.state.gate, app.state.metrics, settings.max_batch_points, settings.max_wait_ms)
+        if settings.batching
+        else None
+    )
     app.state.video_cache = VideoCache(settings.animation_cache_mb << 20)
     app.include_router(router)
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")

@@ -10,6 +10,7 @@ import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import anyio
@@ -51,14 +52,27 @@ class Timing:
 
 
 class ComputeGate:
-    def __init__(self, max_concurrency: int, max_queue: int, timeout_s: float):
+    def __init__(self, max_concurrency: int, max_queue: int, timeout_s: float, max_points: int = 2_000_000):
         self.max_concurrency, self.max_queue, self.timeout_s = max_concurrency, max_queue, timeout_s
+        self.max_points = max_points
+        self.points_in_flight = 0
         self._slots = anyio.Semaphore(max_concurrency)
         self._threads = anyio.CapacityLimiter(max_concurrency)
         self.waiting = 0
         self.running = 0
         self.accepting = True
         self._ewma_job_s = 0.1  # recent job duration, for an honest Retry-After
+
+    @contextmanager
+    def reserve_points(self, n: int):
+        """Bounds memory whatever clients send: the points of all admitted requests together."""
+        if self.points_in_flight + n > self.max_points:
+            raise Overloaded(f"{self.points_in_flight} points in flight, limit {self.max_points}", self.retry_after_s())
+        self.points_in_flight += n
+        try:
+            yield
+        finally:
+            self.points_in_flight -= n
 
     def retry_after_s(self) -> int:
         backlog = (self.waiting + self.running) / self.max_concurrency

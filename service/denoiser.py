@@ -6,6 +6,11 @@ from dataclasses import dataclass
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v")
+# CPU GEMM kernels vectorize across rows: a row's last bit can depend on its position modulo the vector
+# width and on whether it falls in a partial tail. Padding every call to a multiple of ROW_ALIGN rows (and
+# starting each batched request on such a boundary, see batching.py) makes every row's result independent of
+# what else is in the batch, which is what batch-invariant dynamic batching needs.
+ROW_ALIGN = 16
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,10 @@ class Denoiser:
 
     def predict(self, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps, x0) predicted at integer level t."""
-        out = self.net(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device))
+        rows = x.shape[0]
+        pad = -rows % ROW_ALIGN
+        x_in = torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x
+        out = self.net(x_in, torch.full((x_in.shape[0],), t, dtype=torch.int64, device=x.device))[:rows]
         alpha, sigma = self.alphas_cumprod[t] ** 0.5, (1 - self.alphas_cumprod[t]) ** 0.5
         if self.prediction_type == "epsilon":
             # x_t = alpha x0 + sigma eps  =>  x0 = (x_t - sigma eps) / alpha

@@ -31,6 +31,18 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("swissroll_in_flight_requests", "HTTP requests being handled", registry=r)
+        self.batch_points = Histogram(
+            "swissroll_batch_points",
+            "points per batched sampling job",
+            registry=r,
+            buckets=(1, 10, 100, 1_000, 10_000, 100_000),
+        )
+        self.batch_requests = Histogram(
+            "swissroll_batch_requests",
+            "requests merged per batched sampling job",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )
         self.rejected = Counter(
             "swissroll_rejected_total", "requests refused by admission control", ["reason"], registry=r
         )

@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.auth import require_api_key
 from service.byte_ranges import not_modified, ranged_response
 from service.checkpoint import LoadedModel
 from service.compute import ComputeGate
@@ -50,6 +51,7 @@ def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, result: Resul
 
 @router.get(
     "/sample",
+    dependencies=[Depends(require_api_key)],
     summary="Sample points from the model",
     tags=["sampling"],
     responses={200: {"content": {"application/x-npy": {}}}, 422: {}, 503: {}, 504: {}},
@@ -59,7 +61,7 @@ async def sample(
 ) -> Response:
     p = plan(model, params)
     request.state.sampler = p.spec.name
-    result = await sample_points(gate, model, p, request.is_disconnected)
+    result = await sample_points(gate, model, p, request.is_disconnected, batcher=request.app.state.batcher)
     _record(metrics, "/sample", p.spec.name, p.n, result)
     elapsed_ms = round(result.timing.compute_s * 1000, 2)
     headers = {"X-Seed": str(p.seed), "X-Model": model.id, "X-Elapsed-Ms": str(elapsed_ms)}
@@ -70,7 +72,12 @@ async def sample(
     )
 
 
-@router.get("/trajectory", summary="Every intermediate state of one sampling run (for animation)", tags=["sampling"])
+@router.get(
+    "/trajectory",
+    dependencies=[Depends(require_api_key)],
+    summary="Every intermediate state of one sampling run (for animation)",
+    tags=["sampling"],
+)
 async def trajectory(
     params: Annotated[TrajectoryParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
 ) -> Response:
@@ -92,6 +99,7 @@ async def trajectory(
 
 @router.get(
     "/animation",
+    dependencies=[Depends(require_api_key)],
     summary="MP4 (H.264) of one sampling run's denoising, seekable (Range requests)",
     tags=["sampling"],
     response_class=Response,

@@ -27,17 +27,22 @@ class Step(NamedTuple):
 
 Callback = Callable[[Step], None]
 # Several requests batched together: each keeps its own generator for its own rows, so its noise (and thus
-# its points) does not depend on what it was batched with.
-NoiseSources = Sequence[tuple[torch.Generator, int]]
+# its points) does not depend on what it was batched with. A None generator marks alignment padding (zeros).
+NoiseSources = Sequence[tuple[torch.Generator | None, int]]
 
 
 def randn(like: torch.Tensor, generator: torch.Generator | NoiseSources) -> torch.Tensor:
     if isinstance(generator, torch.Generator):
         return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-    parts = [
-        torch.randn((rows, *like.shape[1:]), generator=g, device=like.device, dtype=like.dtype) for g, rows in generator
-    ]
-    return torch.cat(parts)
+    shape = like.shape[1:]
+    return torch.cat(
+        [
+            torch.randn((rows, *shape), generator=g, device=like.device, dtype=like.dtype)
+            if g is not None
+            else torch.zeros((rows, *shape), device=like.device, dtype=like.dtype)
+            for g, rows in generator
+        ]
+    )
 
 
 def timesteps(num_timesteps: int, steps: int) -> list[int]:

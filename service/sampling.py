@@ -2,6 +2,7 @@
 
 import secrets
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from service.samplers import (
     timesteps,
 )
 from service.schemas import SamplingParams
+
+if TYPE_CHECKING:
+    from service.batching import Batcher
 
 
 @dataclass(frozen=True)
@@ -75,11 +79,23 @@ def run_plan(model: LoadedModel, p: Plan, job: Job, record: bool = False, record
 
 
 async def sample_points(
-    gate: ComputeGate, model: LoadedModel, p: Plan, is_disconnected=None, record: bool = False, record_x0: bool = False
+    gate: ComputeGate,
+    model: LoadedModel,
+    p: Plan,
+    is_disconnected=None,
+    record: bool = False,
+    record_x0: bool = False,
+    batcher: "Batcher | None" = None,
 ) -> Result:
-    (points, frames, x0), timing = await gate.run(
-        lambda job: run_plan(model, p, job, record, record_x0), is_disconnected
-    )
+    """Points only (no trajectory) go through the batcher when there is one; trajectories run as their own job."""
+    with gate.reserve_points(p.n):
+        if batcher is not None and not record:
+            points, timing = await batcher.sample(model, p, is_disconnected)
+            frames = x0 = None
+        else:
+            (points, frames, x0), timing = await gate.run(
+                lambda job: run_plan(model, p, job, record, record_x0), is_disconnected
+            )
     return Result(points, timesteps(model.denoiser.num_timesteps, p.steps), frames, x0, timing)
 
 
@@ -93,4 +109,5 @@ async def render_animation(
         job.check()
         return animation_mp4(frames, p.spec.name, timesteps(model.denoiser.num_timesteps, p.steps), size, fps)
 
-    return await gate.run(work, is_disconnected)
+    with gate.reserve_points(p.n):
+        return await gate.run(work, is_disconnected)

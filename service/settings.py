@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -20,13 +20,22 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(1, ge=1, le=64, description="sampling jobs running at once")
     max_queue: int = Field(32, ge=0, le=10_000, description="jobs waiting for a slot; beyond it: 503")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline: 503 if not started, 504 if not done")
+    max_points_in_flight: int = Field(
+        2_000_000, ge=1, le=100_000_000, description="points of all admitted requests together; beyond it: 503"
+    )
+    batching: bool = Field(True, description="merge concurrent /sample requests into shared network calls")
+    max_batch_points: int = Field(100_000, ge=1, le=10_000_000, description="points per merged job")
+    max_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long a request waits for batch-mates")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated; when set, sampling endpoints need a Bearer key"
+    )
     drain_s: float = Field(20.0, ge=0, le=600, description="graceful-shutdown time for in-flight requests")
     animation_cache_mb: int = Field(64, ge=0, le=4096)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
     warmup: bool = True
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "api_keys", mode="before")
     @classmethod
     def _split_commas(cls, value):
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value

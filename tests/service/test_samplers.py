@@ -307,6 +307,10 @@ def test_batched_noise_sources_match_separate_requests():
         ]
     )
     noise = S.randn(x, [(torch.Generator().manual_seed(1), 3), (torch.Generator().manual_seed(2), 5)])
+    padded = S.randn(
+        torch.empty(10, 2), [(torch.Generator().manual_seed(1), 3), (None, 2), (torch.Generator().manual_seed(2), 5)]
+    )
+    assert torch.equal(padded[3:5], torch.zeros(2, 2)) and torch.equal(padded[5:], x[3:])
     torch.testing.assert_close(noise, x)
     _ = d
 

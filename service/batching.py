@@ -1,0 +1,126 @@
+"""Dynamic batching: concurrent /sample requests with the same sampler, steps and parameters share each
+denoising step's network call, and are split apart afterwards.
+
+Batch-invariant by construction: every request keeps its own generator for its initial noise and for its
+rows of every step's noise (samplers.NoiseSources), and its rows start on a ROW_ALIGN boundary so the
+network computes them exactly as it would alone (see denoiser.ROW_ALIGN): a seed gives the same points,
+bit for bit on CPU, batched or alone.
+
+The first request of a batch leads: it waits up to max_wait_ms for company (or until max_batch_points is
+reached), then runs the batch as one job through the compute gate on behalf of all its members.
+"""
+
+import threading
+from dataclasses import dataclass, field
+
+import anyio
+import numpy as np
+import torch
+
+from service.checkpoint import LoadedModel
+from service.compute import ComputeGate, Job, Timing
+from service.denoiser import ROW_ALIGN
+from service.metrics import Metrics
+from service.samplers import initial_noise
+from service.sampling import Plan
+
+
+@dataclass
+class _Batch:
+    plans: list[Plan] = field(default_factory=list)
+    points: int = 0
+    # Members may join until the job starts in its worker thread; the lock orders joining against that start.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+    full: anyio.Event = field(default_factory=anyio.Event)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    results: list[np.ndarray] | None = None
+    timing: Timing | None = None
+    error: Exception | None = None
+    disconnect_checks: list = field(default_factory=list)
+
+    def join(self, plan: Plan, max_points: int, is_disconnected) -> int | None:
+        """This plan's row block index in the batch, or None if the batch has started or has no room."""
+        with self.lock:
+            if self.closed or (self.plans and self.points + plan.n > max_points):
+                return None
+            self.plans.append(plan)
+            self.points += plan.n
+            if is_disconnected is not None:
+                self.disconnect_checks.append(is_disconnected)
+            return len(self.plans) - 1
+
+    def close(self) -> list[Plan]:
+        with self.lock:
+            self.closed = True
+            return list(self.plans)
+
+
+def run_batch(model: LoadedModel, plans: list[Plan], job: Job) -> list[np.ndarray]:
+    """One sampler run over all plans' rows; each plan's block starts on a ROW_ALIGN boundary."""
+    device = model.device
+    blocks, sources, starts = [], [], []
+    for p in plans:
+        generator = torch.Generator(device=device).manual_seed(p.seed)
+        starts.append(sum(rows for _, rows in sources))
+        blocks.append(initial_noise(p.n, generator, device))
+        sources.append((generator, p.n))
+        pad = -p.n % ROW_ALIGN
+        if pad:
+            blocks.append(torch.zeros(pad, 2, device=device))
+            sources.append((None, pad))
+    first = plans[0]
+    out = first.spec.fn(model.denoiser, torch.cat(blocks), first.steps, sources, job.check, **first.params)
+    out = out.cpu().numpy()
+    return [out[start : start + p.n] for start, p in zip(starts, plans, strict=True)]
+
+
+class Batcher:
+    def __init__(self, gate: ComputeGate, metrics: Metrics, max_batch_points: int, max_wait_ms: float):
+        self.gate, self.metrics = gate, metrics
+        self.max_batch_points, self.max_wait_s = max_batch_points, max_wait_ms / 1000
+        self._open: dict[tuple, _Batch] = {}
+
+    async def sample(self, model: LoadedModel, plan: Plan, is_disconnected=None) -> tuple[np.ndarray, Timing]:
+        key = (plan.spec.name, plan.steps, tuple(sorted(plan.params.items())))
+        batch = self._open.get(key)
+        index = batch.join(plan, self.max_batch_points, is_disconnected) if batch is not None else None
+        leader = index is None
+        if leader:
+            if batch is not None:
+                batch.full.set()  # no room for this request: that batch should go now; this one starts anew
+            batch = self._open[key] = _Batch()
+            index = batch.join(plan, self.max_batch_points, is_disconnected)
+        if batch.points >= self.max_batch_points:
+            batch.full.set()
+        if leader:
+            await self._lead(key, batch, model)
+        else:
+            await batch.done.wait()
+        if batch.error is not None:
+            raise batch.error
+        return batch.results[index], batch.timing
+
+    async def _lead(self, key: tuple, batch: _Batch, model: LoadedModel) -> None:
+        with anyio.move_on_after(self.max_wait_s):  # a short window for company, unless already full
+            await batch.full.wait()
+
+        async def all_gone() -> bool:
+            # The batch stops only when every member's client has left.
+            return all([await check() for check in batch.disconnect_checks]) if batch.disconnect_checks else False
+
+        def work(job: Job) -> list[np.ndarray]:
+            return run_batch(model, batch.close(), job)
+
+        # Shielded: the leader's own client leaving must not cancel the work its batch-mates wait for.
+        with anyio.CancelScope(shield=True):
+            try:
+                batch.results, batch.timing = await self.gate.run(work, all_gone)
+                self.metrics.batch_points.observe(batch.points)
+                self.metrics.batch_requests.observe(len(batch.plans))
+            except Exception as e:  # delivered to every member
+                batch.error = e
+            finally:
+                if self._open.get(key) is batch:
+                    del self._open[key]
+                batch.done.set()
