@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 CHECKPOINT ?= checkpoints/swissroll.pt
 
-.PHONY: serve test train lint bench-quality bench-speed clean
+.PHONY: serve test train lint bench-quality bench-speed bench-load clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench-quality: $(VENV)/.dev
 
 bench-speed: $(VENV)/.dev
 	$(PY) -m bench.speed
+
+bench-load: $(VENV)/.dev
+	$(PY) -m bench.load
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -69,6 +69,7 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(results["models"]), figsize=(6 * len(results["models"]), 4.5), sharey=True)
     for ax, (label, model) in zip(np.atleast_1d(axes), results["models"].items(), strict=True):
@@ -85,6 +86,7 @@ def plot(results: dict, path: Path) -> None:
         ax.axhline(model["floor"]["sliced_w2"], color="grey", linestyle="--", label="real vs real (floor)")
         ax.set(xscale="log", yscale="log", xlabel="network evaluations", title=label)
         ax.set_xticks([5, 10, 20, 40], labels=["5", "10", "20", "40"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     np.atleast_1d(axes)[0].set_ylabel(f"sliced W2 (n = {results['n']:,})")
     np.atleast_1d(axes)[0].legend()
     fig.tight_layout()

@@ -58,11 +58,12 @@ def main() -> None:
         sys.exit(f"error: invalid setting SWISSROLL_{str(first['loc'][0]).upper()}: {first['msg']}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(message)s")
     tune_allocator()
+    app = create_app(settings)
     try:
-        model = load_model(settings.checkpoint, resolve_device(settings.device))
+        # On the compute thread, like all torch work (see ComputeGate), and before serving: fail fast, in one line.
+        app.state.model = app.state.gate.call(load_model, settings.checkpoint, resolve_device(settings.device))
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
-    app = create_app(settings, model)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -39,26 +39,21 @@ def _warm_up(model: LoadedModel) -> None:
 
 
 def create_app(settings: Settings | None = None, model: LoadedModel | None = None) -> FastAPI:
-    """`model`: an already loaded checkpoint (the launcher loads it first to fail fast with one line)."""
+    """`model`: an already loaded checkpoint; otherwise the lifespan loads settings.checkpoint."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
-        app.state.model = model or load_model(settings.checkpoint, resolve_device(settings.device))
-        if settings.warmup:
-            await app.state.gate.run(lambda _job: _warm_up(app.state.model))
-        app.state.ready = True
-        log.info(
-            json.dumps(
-                {
-                    "event": "ready",
-                    "model": app.state.model.id[:12],
-                    "device": str(app.state.model.device),
-                    "threads": torch.get_num_threads(),
-                }
+        gate: ComputeGate = app.state.gate
+        if getattr(app.state, "model", None) is None:
+            app.state.model, _ = await gate.run(
+                lambda _job: load_model(settings.checkpoint, resolve_device(settings.device))
             )
-        )
+        if settings.warmup:
+            await gate.run(lambda _job: _warm_up(app.state.model))
+        app.state.ready = True
+        model_info = {"model": app.state.model.id[:12], "device": str(app.state.model.device), "threads": threads}
+        log.info(json.dumps({"event": "ready", **model_info}))
         yield
         app.state.ready = False
 
@@ -72,8 +67,13 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     app.state.ready = False
     if model is not None:
         app.state.model = model  # usable at once; ready only after the lifespan's warm-up
+    threads = settings.torch_threads or os.cpu_count() or 1
     app.state.gate = ComputeGate(
-        settings.max_concurrency, settings.max_queue, settings.request_timeout_s, settings.max_points_in_flight
+        settings.max_concurrency,
+        settings.max_queue,
+        settings.request_timeout_s,
+        settings.max_points_in_flight,
+        thread_init=lambda: torch.set_num_threads(threads),  # per compute thread: OpenMP settings are per thread
     )
     app.state.metrics = Metrics()
     app.state.batcher = (

@@ -95,3 +95,16 @@ def test_batches_respect_max_batch_points(counted):
     total = next(s.value for s in sizes if s.name.endswith("_sum"))
     count = next(s.value for s in sizes if s.name.endswith("_count"))
     assert total == 600 and count >= 3, "at most two 100-point requests fit in a 250-point batch"
+
+
+def test_large_batches_are_chunked_without_changing_any_row(counted):
+    from service import denoiser as D
+
+    model, net = counted
+    x = torch.randn(3 * D.FORWARD_CHUNK + 5, 2, generator=torch.Generator().manual_seed(0))
+    net.calls = 0
+    eps, x0 = model.denoiser.predict(x, 3)
+    assert net.calls == 4, "ceil(rows / FORWARD_CHUNK) network calls"
+    for start in (0, 16 * 7, D.FORWARD_CHUNK - 16, 2 * D.FORWARD_CHUNK + 32):
+        e, z = model.denoiser.predict(x[start : start + 100], 3)
+        assert torch.equal(e, eps[start : start + 100]) and torch.equal(z, x0[start : start + 100])

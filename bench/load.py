@@ -1,0 +1,115 @@
+"""Throughput and latency under concurrent load, dynamic batching on vs off, against a real server on loopback.
+
+python -m bench.load             # ~4 min on 2 CPU cores; writes bench/results/load.{json,md}
+"""
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.service.live_server import LiveServer
+
+RESULTS = Path(__file__).parent / "results"
+CLIENTS = (1, 4, 16, 64)
+SIZES = (100, 10_000)
+
+
+def requests_per_client(n: int, clients: int) -> int:
+    return max(2, (64 if n == 100 else 8) // clients)
+
+
+async def run_cell(url: str, n: int, clients: int) -> dict:
+    per_client = requests_per_client(n, clients)
+    latencies, statuses = [], []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+
+        async def worker(w: int) -> None:
+            for i in range(per_client):
+                t0 = time.perf_counter()
+                r = await client.get(f"{url}/sample?n={n}&seed={w * 1000 + i}&format=npy")
+                latencies.append(time.perf_counter() - t0)
+                statuses.append(r.status_code)
+
+        await client.get(f"{url}/sample?n={n}&seed=0")  # warm the connection and the server
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(clients)))
+        wall = time.perf_counter() - start
+    latencies.sort()
+    ok = statuses.count(200)
+    return {
+        "n": n,
+        "clients": clients,
+        "requests": len(statuses),
+        "ok": ok,
+        "wall_s": wall,
+        "throughput_rps": ok / wall,
+        "p50_ms": statistics.median(latencies) * 1e3,
+        "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e3,
+    }
+
+
+def main() -> None:
+    rows = []
+    for batching in (True, False):
+        env = {
+            "SWISSROLL_BATCHING": str(batching).lower(),
+            "SWISSROLL_MAX_QUEUE": "256",
+            "SWISSROLL_LOG_LEVEL": "warning",
+        }
+        with LiveServer(**env) as server:
+            for n in SIZES:
+                for clients in CLIENTS:
+                    row = {"batching": batching, **asyncio.run(run_cell(server.url, n, clients))}
+                    rows.append(row)
+                    print(
+                        f"batching={batching!s:5} n={n:>6} clients={clients:>3}  {row['throughput_rps']:8.1f} req/s  "
+                        f"p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms  ok {row['ok']}/{row['requests']}",
+                        flush=True,
+                    )
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "rows": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "load.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / "load.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        f"# Load: `GET /sample` (ddpm, 40 steps, npy), {r['machine']}, {r['date']}",
+        "",
+        "Closed-loop asyncio clients on loopback against `python -m service` (default settings, queue 256). "
+        "Throughput counts 200s only.",
+        "",
+        "| n | clients | batching | req/s | p50 ms | p99 ms | ok |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for x in sorted(r["rows"], key=lambda x: (x["n"], x["clients"], not x["batching"])):
+        lines.append(
+            f"| {x['n']:,} | {x['clients']} | {'on' if x['batching'] else 'off'} | {x['throughput_rps']:.1f} | "
+            f"{x['p50_ms']:.1f} | {x['p99_ms']:.1f} | {x['ok']}/{x['requests']} |"
+        )
+    cell = {(x["n"], x["clients"], x["batching"]): x for x in r["rows"]}
+    on, off = cell[(100, 16, True)], cell[(100, 16, False)]
+    lines += [
+        "",
+        f"**Batching on/off throughput at 16 clients x n = 100: "
+        f"{on['throughput_rps'] / off['throughput_rps']:.1f}x** "
+        f"({on['throughput_rps']:.0f} vs {off['throughput_rps']:.0f} req/s)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
