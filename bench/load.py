@@ -21,7 +21,7 @@ SIZES = (100, 10_000)
 
 
 def requests_per_client(n: int, clients: int) -> int:
-    return max(2, (64 if n == 100 else 8) // clients)
+    return max(4, 256 // clients) if n == 100 else max(2, 16 // clients)
 
 
 async def run_cell(url: str, n: int, clients: int) -> dict:

@@ -7,6 +7,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import torch
 from fastapi import FastAPI, Request
@@ -85,7 +86,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     app.include_router(router)
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     _install_error_handlers(app)
-    _install_request_log(app)
+    app.add_middleware(RequestLog, metrics=app.state.metrics)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -143,33 +144,38 @@ def _install_error_handlers(app: FastAPI) -> None:
         return json_response({"detail": "client disconnected"}, status_code=499)
 
 
-def _install_request_log(app: FastAPI) -> None:
-    metrics: Metrics = app.state.metrics
+class RequestLog:
+    """Pure ASGI middleware: per-request metrics and one JSON log line (BaseHTTPMiddleware costs more per call)."""
 
-    @app.middleware("http")
-    async def log_request(request: Request, call_next):
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
         start = time.perf_counter()
-        metrics.in_flight.inc()
         status = 500
+
+        async def send_and_record(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            await self.app(scope, receive, send_and_record)
         finally:
-            metrics.in_flight.dec()
+            self.metrics.in_flight.dec()
             seconds = time.perf_counter() - start
-            route = request.scope.get("route")
-            endpoint = getattr(route, "path", "unmatched")
-            sampler = getattr(request.state, "sampler", "")  # set by sampling routes once validated
-            metrics.requests.labels(endpoint, sampler, str(status)).inc()
-            metrics.latency.labels(endpoint, sampler).observe(seconds)
-            log.info(
-                json.dumps(
-                    {
-                        "endpoint": request.url.path,
-                        "params": dict(request.query_params),
-                        "status": status,
-                        "ms": round(seconds * 1000, 2),
-                    }
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            sampler = scope.get("state", {}).get("sampler", "")  # set by sampling routes once validated
+            self.metrics.requests.labels(endpoint, sampler, str(status)).inc()
+            self.metrics.latency.labels(endpoint, sampler).observe(seconds)
+            if log.isEnabledFor(logging.INFO):
+                query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+                log.info(
+                    json.dumps(
+                        {"endpoint": scope["path"], "params": query, "status": status, "ms": round(seconds * 1000, 2)}
+                    )
                 )
-            )

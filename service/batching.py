@@ -7,7 +7,8 @@ network computes them exactly as it would alone (see denoiser.ROW_ALIGN): a seed
 bit for bit on CPU, batched or alone.
 
 The first request of a batch leads: it waits up to max_wait_ms for company (or until max_batch_points is
-reached), then runs the batch as one job through the compute gate on behalf of all its members.
+reached; not at all when it is the only request around), then runs the batch as one job through the compute
+gate on behalf of all its members. Requests keep joining while that job waits for a compute slot.
 """
 
 import threading
@@ -80,8 +81,16 @@ class Batcher:
         self.gate, self.metrics = gate, metrics
         self.max_batch_points, self.max_wait_s = max_batch_points, max_wait_ms / 1000
         self._open: dict[tuple, _Batch] = {}
+        self._active = 0  # requests inside sample(): is anyone around to batch with?
 
     async def sample(self, model: LoadedModel, plan: Plan, is_disconnected=None) -> tuple[np.ndarray, Timing]:
+        self._active += 1
+        try:
+            return await self._sample(model, plan, is_disconnected)
+        finally:
+            self._active -= 1
+
+    async def _sample(self, model: LoadedModel, plan: Plan, is_disconnected) -> tuple[np.ndarray, Timing]:
         key = (plan.spec.name, plan.steps, tuple(sorted(plan.params.items())))
         batch = self._open.get(key)
         index = batch.join(plan, self.max_batch_points, is_disconnected) if batch is not None else None
@@ -102,8 +111,11 @@ class Batcher:
         return batch.results[index], batch.timing
 
     async def _lead(self, key: tuple, batch: _Batch, model: LoadedModel) -> None:
-        with anyio.move_on_after(self.max_wait_s):  # a short window for company, unless already full
-            await batch.full.wait()
+        # A short window for company, unless full, or alone with an idle compute slot: then waiting only adds
+        # latency. Under load the slot is busy, and the batch keeps taking members until its job starts.
+        if self._active > 1 or self.gate.running or self.gate.waiting:
+            with anyio.move_on_after(self.max_wait_s):
+                await batch.full.wait()
 
         async def all_gone() -> bool:
             # The batch stops only when every member's client has left.
