@@ -1,5 +1,6 @@
 """Start-up: a bad checkpoint or setting stops the process with one line and a non-zero exit code."""
 
+import json
 import os
 import subprocess
 import sys
@@ -61,48 +62,30 @@ def test_cuda_requested_without_cuda(tmp_path):
 # --- the contract checks themselves, in-process ----------------------------------------------------------------
 
 
-def test_metadata_missing_keys(tmp_path):
-    path = tmp_path / "m.pt"
-    write_tiny_checkpoint(path)
-    # Rewrite metadata.json without 'training' inside the archive.
+def edit_metadata(path, edit) -> None:
+    """Rewrite metadata.json inside a checkpoint archive: edit(dict) -> dict."""
     with zipfile.ZipFile(path) as z:
         items = {i.filename: z.read(i.filename) for i in z.infolist()}
     name = next(n for n in items if n.endswith("extra/metadata.json"))
-    import json
-
-    meta = json.loads(items[name])
-    del meta["training"]
-    items[name] = json.dumps(meta).encode()
+    items[name] = json.dumps(edit(json.loads(items[name]))).encode()
     with zipfile.ZipFile(path, "w") as z:
         for n, data in items.items():
             z.writestr(n, data)
-    with pytest.raises(CheckpointError, match="lacks training"):
-        load_model(path, torch.device("cpu"))
 
 
-def test_unknown_prediction_type(tmp_path):
-    path = write_tiny_checkpoint(tmp_path / "p.pt")
-    with zipfile.ZipFile(path) as z:
-        items = {i.filename: z.read(i.filename) for i in z.infolist()}
-    name = next(n for n in items if n.endswith("extra/metadata.json"))
-    items[name] = items[name].replace(b'"prediction_type": "v"', b'"prediction_type": "sample"')
-    with zipfile.ZipFile(path, "w") as z:
-        for n, data in items.items():
-            z.writestr(n, data)
-    with pytest.raises(CheckpointError, match="prediction_type 'sample'"):
-        load_model(path, torch.device("cpu"))
-
-
-def test_schedule_length_must_match_metadata(tmp_path):
-    path = write_tiny_checkpoint(tmp_path / "s.pt", num_timesteps=10)
-    with zipfile.ZipFile(path) as z:
-        items = {i.filename: z.read(i.filename) for i in z.infolist()}
-    name = next(n for n in items if n.endswith("extra/metadata.json"))
-    items[name] = items[name].replace(b'"num_timesteps": 10', b'"num_timesteps": 12')
-    with zipfile.ZipFile(path, "w") as z:
-        for n, data in items.items():
-            z.writestr(n, data)
-    with pytest.raises(CheckpointError, match=r"float64 of shape \[12\]"):
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda m: {k: v for k, v in m.items() if k != "training"}, "lacks training"),
+        (lambda m: {**m, "prediction_type": "sample"}, "prediction_type 'sample'"),
+        (lambda m: {**m, "num_timesteps": 12}, r"float64 of shape \[12\]"),
+        (lambda m: {**m, "format_version": 99}, "format_version 99 unsupported"),
+    ],
+)
+def test_contract_violations_are_named(tmp_path, edit, problem):
+    path = write_tiny_checkpoint(tmp_path / "c.pt")
+    edit_metadata(path, edit)
+    with pytest.raises(CheckpointError, match=problem):
         load_model(path, torch.device("cpu"))
 
 
