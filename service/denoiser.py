@@ -38,7 +38,8 @@ class Denoiser:
         x_in = torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x
         t_in = torch.full((x_in.shape[0],), t, dtype=torch.int64, device=x.device)
         chunks = zip(x_in.split(FORWARD_CHUNK), t_in.split(FORWARD_CHUNK), strict=True)
-        out = torch.cat([self.net(xc, tc) for xc, tc in chunks])[:rows]
+        outs = [self.net(xc, tc) for xc, tc in chunks]
+        out = (outs[0] if len(outs) == 1 else torch.cat(outs))[:rows]
         alpha, sigma = self.alphas_cumprod[t] ** 0.5, (1 - self.alphas_cumprod[t]) ** 0.5
         if self.prediction_type == "epsilon":
             # x_t = alpha x0 + sigma eps  =>  x0 = (x_t - sigma eps) / alpha

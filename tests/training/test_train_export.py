@@ -141,3 +141,17 @@ def test_quality_is_measured_and_stored(tmp_path):
     assert 0 < quality["floor"] < 0.05, "real-vs-real at n = 20,000"
     # One epoch on 2,000 points is a poor model: its samples must be measurably worse than the floor.
     assert all(row["ratio_to_floor"] > 1.5 for row in quality["samplers"].values())
+
+
+@pytest.mark.parametrize("preset", ["seed", "default"])
+def test_exported_network_is_the_trained_function(preset, tmp_path):
+    # Export folds the time input into a per-level table: same outputs as the training-time network.
+    net = DenoiserMLP(PRESETS[preset], 40)
+    torch.nn.init.normal_(net.inp.weight, std=0.5)
+    path = save_checkpoint(net, torch.linspace(0.99, 0.01, 40, dtype=torch.float64), {"x": 1}, tmp_path / "f.pt")
+    module, _ = load_checkpoint(path)
+    x = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
+    for level in (0, 1, 17, 39):
+        t = torch.full((500,), level)
+        with torch.no_grad():
+            torch.testing.assert_close(module(x, t), net(x, t), rtol=1e-5, atol=1e-5)
