@@ -51,14 +51,21 @@ def test_cannot_start_before_deadline_is_503():
     anyio.run(main)
 
 
-def test_running_past_deadline_is_abandoned_at_a_step_boundary():
-    steps_done = []
+def stepping_job(steps: int, steps_done: list[int]):
+    """A job shaped like sampling: `steps` steps of 10 ms, checking its deadline/cancellation at each boundary."""
 
     def work(job):
-        for i in range(100):
+        for i in range(steps):
             job.check()
             steps_done.append(i)
             time.sleep(0.01)
+
+    return work
+
+
+def test_running_past_deadline_is_abandoned_at_a_step_boundary():
+    steps_done = []
+    work = stepping_job(100, steps_done)
 
     async def main():
         gate = ComputeGate(max_concurrency=1, max_queue=0, timeout_s=0.1)
@@ -75,12 +82,7 @@ def test_running_past_deadline_is_abandoned_at_a_step_boundary():
 
 def test_client_disconnect_stops_the_work():
     steps_done = []
-
-    def work(job):
-        for i in range(500):
-            job.check()
-            steps_done.append(i)
-            time.sleep(0.01)
+    work = stepping_job(500, steps_done)
 
     async def main():
         gate = ComputeGate(max_concurrency=1, max_queue=0, timeout_s=60)
