@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +32,24 @@ class LoadedModel:
     device: torch.device
 
 
+@contextmanager
+def quiet_jit():
+    """torch 2.13 deprecates TorchScript (pointing to torch.export); it still works and is our format."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
+        yield
+
+
 def resolve_device(name: str) -> torch.device:
+    """auto (CUDA when available), cpu, cuda or cuda:N; ValueError for anything else or CUDA that is not there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"invalid device {name!r}; use auto, cpu, cuda or cuda:N") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"invalid device {name!r}; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
     return device
@@ -54,8 +69,7 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
         raise CheckpointError(path, "file not found" if not path.exists() else "not a regular file")
     extra = {"metadata.json": ""}
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
+        with quiet_jit():
             net = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except Exception as e:  # torch raises RuntimeError/ValueError/zip errors for damaged files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

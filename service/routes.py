@@ -9,12 +9,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.auth import require_api_key
 from service.byte_ranges import not_modified, ranged_response
 from service.checkpoint import LoadedModel
-from service.compute import ComputeGate
+from service.compute import ComputeGate, Timing
 from service.encoding import compact, json_response, npy_response
 from service.metrics import Metrics
 from service.render import even
 from service.samplers import SAMPLERS
-from service.sampling import Result, plan, render_animation, sample_points
+from service.sampling import plan, render_animation, sample_points
 from service.schemas import AnimationParams, SampleParams, TrajectoryParams
 from service.video_cache import VideoCache
 
@@ -43,10 +43,10 @@ Cache = Annotated[VideoCache, Depends(get_video_cache)]
 router = APIRouter()
 
 
-def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, result: Result) -> None:
+def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, timing: Timing) -> None:
     metrics.points.labels(sampler).inc(n)
-    metrics.queue_wait.observe(result.timing.queue_s)
-    metrics.compute.labels(endpoint, sampler).observe(result.timing.compute_s)
+    metrics.queue_wait.observe(timing.queue_s)
+    metrics.compute.labels(endpoint, sampler).observe(timing.compute_s)
 
 
 @router.get(
@@ -62,7 +62,7 @@ async def sample(
     p = plan(model, params)
     request.state.sampler = p.spec.name
     result = await sample_points(gate, model, p, request.is_disconnected, batcher=request.app.state.batcher)
-    _record(metrics, "/sample", p.spec.name, p.n, result)
+    _record(metrics, "/sample", p.spec.name, p.n, result.timing)
     elapsed_ms = round(result.timing.compute_s * 1000, 2)
     headers = {"X-Seed": str(p.seed), "X-Model": model.id, "X-Elapsed-Ms": str(elapsed_ms)}
     if params.format == "npy":
@@ -84,7 +84,7 @@ async def trajectory(
     p = plan(model, params)
     request.state.sampler = p.spec.name
     result = await sample_points(gate, model, p, request.is_disconnected, record=True, record_x0=params.include_x0)
-    _record(metrics, "/trajectory", p.spec.name, p.n, result)
+    _record(metrics, "/trajectory", p.spec.name, p.n, result.timing)
     payload = {
         **p.describe(),
         "model": model.id,
@@ -135,9 +135,7 @@ async def animation(
 
     async def render() -> bytes:
         data, timing = await render_animation(gate, model, p, size, params.fps, request.is_disconnected)
-        metrics.points.labels(p.spec.name).inc(p.n)
-        metrics.queue_wait.observe(timing.queue_s)
-        metrics.compute.labels("/animation", p.spec.name).observe(timing.compute_s)
+        _record(metrics, "/animation", p.spec.name, p.n, timing)
         return data
 
     data, cached = await cache.get_or_render(key, render)

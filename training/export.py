@@ -3,13 +3,12 @@
 import json
 import os
 import tempfile
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from service.checkpoint import quiet_jit
 from training.model import Block, DenoiserMLP
 
 FORMAT_VERSION = 1
@@ -60,14 +59,6 @@ class Checkpoint(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(x, t)
-
-
-@contextmanager
-def quiet_jit():
-    """torch 2.13 deprecates TorchScript (pointing to torch.export); it still works and is our format."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
-        yield
 
 
 def save_checkpoint(net: nn.Module, alphas_cumprod: torch.Tensor, metadata: dict, path: str | Path) -> Path:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from service.checkpoint import resolve_device
 from service.denoiser import Denoiser
 from training.data import load_swiss_roll
 from training.evaluate import quality_summary
@@ -61,20 +62,6 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
         resolve_device(self.device)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"invalid device {name!r}; use auto, cpu, cuda or cuda:N") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"invalid device {name!r}; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def diffusion_target(x0, eps, alpha_bar, prediction_type: str) -> torch.Tensor:
