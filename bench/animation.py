@@ -57,11 +57,11 @@ def timed(fn, reps=3):
 
 def main() -> None:
     model = load_model("checkpoints/swissroll.pt", torch.device("cpu"))
-    plan = Plan(SAMPLERS["ddpm"], N, STEPS, 0, {})
+    ts = timesteps(model.denoiser.num_timesteps, STEPS)
+    plan = Plan(SAMPLERS["ddpm"], N, tuple(ts), "trailing", 0, {})
     import threading
 
     _, frames, _ = run_plan(model, plan, Job(float("inf"), threading.Event()), record=True)
-    ts = timesteps(model.denoiser.num_timesteps, STEPS)
     rows = {"ours, render + encode (in-process)": timed(lambda: animation_mp4(frames, "ddpm", ts, SIZE, FPS))}
     if shutil.which("ffmpeg"):
         with tempfile.TemporaryDirectory() as tmp:

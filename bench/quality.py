@@ -21,10 +21,11 @@ from training.metrics import all_metrics
 from training.train import TrainConfig, train
 
 RESULTS = Path(__file__).parent / "results"
+# (sampler, steps, spacing): trailing spacing everywhere, plus every schedule the checkpoint has tuned.
 SETTINGS = (
-    [("ddpm", s) for s in (10, 20, 40)]
-    + [("ddpm_x0", s) for s in (10, 20, 40)]
-    + [(name, s) for name in ("ddim", "dpmpp_2m") for s in (5, 10, 20, 40)]
+    [("ddpm", s, "trailing") for s in (10, 20, 40)]
+    + [("ddpm_x0", s, "trailing") for s in (10, 20, 40)]
+    + [(name, s, "trailing") for name in ("ddim", "dpmpp_2m") for s in (5, 10, 20, 40)]
 )
 METRICS = ("sliced_w2", "energy", "precision", "recall")
 
@@ -39,19 +40,24 @@ def evaluate(model, n: int, seeds: list[int]) -> tuple[dict, list[dict]]:
     floor = {k: float(np.mean([f[k] for f in floors])) for k in METRICS}
     floor.update({f"{k}_std": float(np.std([f[k] for f in floors])) for k in METRICS})
     rows = []
-    for name, steps in SETTINGS:
+    tuned = [(name, steps, "tuned") for name, by in model.denoiser.tuned_timesteps.items() for steps in sorted(by)]
+    for name, steps, spacing in SETTINGS + tuned:
         runs = []
         for s in seeds:
-            points = sample(model.denoiser, name, n, torch.Generator().manual_seed(s), steps).numpy()
+            g = torch.Generator().manual_seed(s)
+            points = sample(model.denoiser, name, n, g, steps, spacing=spacing).numpy()
             runs.append(all_metrics(real(10_000 + s), points))
-        row = {"sampler": name, "steps": steps, "nfe": steps}
+        label = name if spacing == "trailing" else f"{name} (tuned)"
+        row = {"sampler": label, "steps": steps, "nfe": steps, "spacing": spacing}
+        if spacing == "tuned":
+            row["timesteps"] = list(model.denoiser.tuned_timesteps[name][steps])
         for k in METRICS:
             row[k] = float(np.mean([r[k] for r in runs]))
             row[f"{k}_std"] = float(np.std([r[k] for r in runs]))
         row["sliced_w2_ratio"] = row["sliced_w2"] / floor["sliced_w2"]
         rows.append(row)
         print(
-            f"  {name:9s} {steps:3d}  sliced W2 {row['sliced_w2']:.4f} ({row['sliced_w2_ratio']:.2f}x floor)",
+            f"  {label:16s} {steps:3d}  sliced W2 {row['sliced_w2']:.4f} ({row['sliced_w2_ratio']:.2f}x floor)",
             flush=True,
         )
     return floor, rows
@@ -100,7 +106,10 @@ def markdown(results: dict) -> str:
         "",
         f"Measured {results['date']} on {results['machine']}, torch {results['torch']}. "
         "Reference: fresh Swiss-roll samples (never trained on), normalized with each checkpoint's statistics. "
-        "Floor: the same metrics between two independent real samples.",
+        "Floor: the same metrics between two independent real samples. "
+        '"(tuned)": the timestep schedule the checkpoint carries for that sampler and steps '
+        "(chosen after training, training/timestep_search.py; the service's default where it exists); "
+        "every other row uses trailing spacing.",
         "",
     ]
     for label, model in results["models"].items():
@@ -130,7 +139,8 @@ def markdown(results: dict) -> str:
         f"- floor (sliced W2, real vs real): {h['floor']:.4f}",
         f"- default setting (ddpm, 40 steps): {h['default']:.4f} = {h['default_ratio_to_floor']:.2f}x floor",
         f"- best setting with <= 10 evaluations: {h['best_fast']} = {h['best_fast_w2']:.4f}, "
-        f"{h['best_fast_ratio_to_default']:.2f}x the default setting",
+        f"{h['best_fast_ratio_to_default']:.2f}x the default setting"
+        + (f" (timesteps {h['best_fast_timesteps']})" if h.get("best_fast_timesteps") else ""),
         f"- original architecture (seed preset, eps-prediction) at 10 evaluations: best "
         f"{h['seed_best_fast_w2']:.4f} ({h['seed_best_fast']})",
         "",
@@ -180,6 +190,7 @@ def main() -> None:
         "default": default["sliced_w2"],
         "default_ratio_to_floor": default["sliced_w2"] / floor,
         "best_fast": f"{fast['sampler']}@{fast['steps']}",
+        "best_fast_timesteps": fast.get("timesteps"),
         "best_fast_w2": fast["sliced_w2"],
         "best_fast_ratio_to_default": fast["sliced_w2"] / default["sliced_w2"],
         "seed_best_fast": f"{seed_fast['sampler']}@{seed_fast['steps']}",

@@ -1,4 +1,4 @@
-"""Dynamic batching: concurrent /sample requests with the same sampler, steps and parameters share each
+"""Dynamic batching: concurrent /sample requests with the same sampler, timesteps and parameters share each
 denoising step's network call, and are split apart afterwards.
 
 Batch-invariant by construction: every request keeps its own generator for its initial noise and for its
@@ -71,7 +71,7 @@ def run_batch(model: LoadedModel, plans: list[Plan], job: Job) -> list[np.ndarra
             blocks.append(torch.zeros(pad, 2, device=device))
             sources.append((None, pad))
     first = plans[0]
-    out = first.spec.fn(model.denoiser, torch.cat(blocks), first.steps, sources, job.check, **first.params)
+    out = first.spec.fn(model.denoiser, torch.cat(blocks), list(first.timesteps), sources, job.check, **first.params)
     out = out.cpu().numpy()
     return [out[start : start + p.n] for start, p in zip(starts, plans, strict=True)]
 
@@ -91,7 +91,7 @@ class Batcher:
             self._active -= 1
 
     async def _sample(self, model: LoadedModel, plan: Plan, is_disconnected) -> tuple[np.ndarray, Timing]:
-        key = (plan.spec.name, plan.steps, tuple(sorted(plan.params.items())))
+        key = (plan.spec.name, plan.timesteps, tuple(sorted(plan.params.items())))
         batch = self._open.get(key)
         index = batch.join(plan, self.max_batch_points, is_disconnected) if batch is not None else None
         leader = index is None

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from service.denoiser import PREDICTION_TYPES, Denoiser
+from service.samplers import SAMPLERS
 
 SUPPORTED_FORMAT_VERSIONS = (1,)
 REQUIRED_METADATA = ("format_version", "num_timesteps", "schedule", "prediction_type", "data", "training")
@@ -90,7 +91,11 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
         raise CheckpointError(path, f"prediction_type {metadata['prediction_type']!r} not one of {PREDICTION_TYPES}")
     alphas_cumprod = _check_schedule(path, net, metadata["num_timesteps"])
     _check_forward(path, net, len(alphas_cumprod), device)
-    denoiser = Denoiser(net, alphas_cumprod, metadata["prediction_type"], device)
+    try:
+        tuned = parse_tuned_timesteps(metadata.get("tuned_timesteps", {}), len(alphas_cumprod))
+    except ValueError as e:
+        raise CheckpointError(path, str(e)) from e
+    denoiser = Denoiser(net, alphas_cumprod, metadata["prediction_type"], device, tuned)
     return LoadedModel(denoiser, metadata, _sha256(path), path, device)
 
 
@@ -108,6 +113,36 @@ def _check_schedule(path: Path, net, num_timesteps: int) -> tuple[float, ...]:
     if any(b >= a for a, b in zip(values, values[1:], strict=False)):
         raise CheckpointError(path, "alphas_cumprod must be strictly decreasing")
     return values
+
+
+def parse_tuned_timesteps(tuned, num_timesteps: int) -> dict[str, dict[int, tuple[int, ...]]]:
+    """{"dpmpp_2m": {"10": [39, ...]}} -> {"dpmpp_2m": {10: (39, ...)}}, or ValueError. Each list must be a valid
+    schedule for the model: T-1 first (x_T is pure noise), strictly decreasing, within 0..T-1, as long as its key
+    says. Schedules for samplers this service does not have are skipped (a newer trainer may know more)."""
+    if not isinstance(tuned, dict):
+        raise ValueError("tuned_timesteps must be an object {sampler: {steps: [levels]}}")
+    out: dict[str, dict[int, tuple[int, ...]]] = {}
+    for sampler, by_steps in tuned.items():
+        if sampler not in SAMPLERS:
+            continue
+        if not isinstance(by_steps, dict):
+            raise ValueError(f"tuned_timesteps[{sampler!r}] must be an object {{steps: [levels]}}")
+        for steps, levels in by_steps.items():
+            ok = (
+                isinstance(levels, list)
+                and all(type(t) is int for t in levels)
+                and str(len(levels)) == steps
+                and levels[:1] == [num_timesteps - 1]
+                and levels[-1] >= 0
+                and all(a > b for a, b in zip(levels, levels[1:], strict=False))
+            )
+            if not ok:
+                raise ValueError(
+                    f"tuned_timesteps[{sampler!r}][{steps!r}] must list {steps} levels, strictly decreasing from "
+                    f"{num_timesteps - 1} to >= 0, got {levels!r}"
+                )
+            out.setdefault(sampler, {})[int(steps)] = tuple(levels)
+    return out
 
 
 def _check_forward(path: Path, net, num_timesteps: int, device: torch.device) -> None:

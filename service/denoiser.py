@@ -1,7 +1,7 @@
 """A loaded model bundled with its own noise schedule, answering "given x_t at level t, what are eps and x0?"."""
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,8 @@ class Denoiser:
     alphas_cumprod: tuple[float, ...]  # host-side float64 copy: per-step coefficients never sync the device
     prediction_type: str = "epsilon"
     device: torch.device = torch.device("cpu")  # where the net's weights live; samplers draw noise there
+    # sampler -> steps -> levels chosen for this network (checkpoint metadata "tuned_timesteps"; may be empty)
+    tuned_timesteps: dict[str, dict[int, tuple[int, ...]]] = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:

@@ -121,7 +121,7 @@ async def animation(
     p = plan(model, params)
     request.state.sampler = p.spec.name
     size = even(params.size)
-    key = f"{model.id}|{p.spec.name}|{p.steps}|{p.params.get('eta')}|{p.seed}|{p.n}|{params.fps}|{size}"
+    key = f"{model.id}|{p.spec.name}|{p.timesteps}|{p.params.get('eta')}|{p.seed}|{p.n}|{params.fps}|{size}"
     etag = f'"{hashlib.sha256(key.encode()).hexdigest()[:32]}"'
     headers = {"X-Seed": str(p.seed)}
     if params.seed is None:
@@ -147,12 +147,15 @@ async def animation(
 async def samplers(model: Model) -> list[dict]:
     T = model.denoiser.num_timesteps
     quality = model.metadata.get("quality", {}).get("samplers", {})
+    tuned = model.denoiser.tuned_timesteps
     return [
         {
             "name": s.name,
             "description": s.description,
             "paper": s.paper,
             "steps": {"min": 1, "max": T, "default": s.steps_default(T)},
+            # steps -> levels: used by default at these step counts (spacing=tuned), trailing spacing elsewhere
+            "tuned_timesteps": {str(k): list(v) for k, v in sorted(tuned.get(s.name, {}).items())},
             "params": {
                 k: {"default": d, "min": lo, "max": hi, "description": desc}
                 for k, (d, lo, hi, desc) in s.params.items()

@@ -1,8 +1,10 @@
 """Samplers: pure functions turning Gaussian noise into points, and the registry the API validates against.
 
 Every sampler has the signature
-    sampler(denoiser, x, steps, generator, callback=None, **params) -> x_0
-where x is the initial noise x_T, `steps` picks a trailing subsequence of the training levels, `generator`
+    sampler(denoiser, x, ts, generator, callback=None, **params) -> x_0
+where x is the initial noise x_T, `ts` lists the training levels to evaluate, noisiest first (one network
+evaluation each, as k-diffusion's samplers take a list of sigmas; see `timesteps` and the checkpoint's tuned
+schedules), `generator`
 is the request's own torch.Generator (or a NoiseSources list for batched requests), and `callback`, if
 given, receives a Step after every update. Per-step coefficients are Python floats computed from the
 float64 schedule, so no step synchronizes with the device.
@@ -50,9 +52,8 @@ def timesteps(num_timesteps: int, steps: int) -> list[int]:
     return [round(num_timesteps - k * num_timesteps / steps) - 1 for k in range(steps)]
 
 
-def _levels(denoiser: Denoiser, steps: int) -> list[tuple[int, float, float]]:
+def _levels(denoiser: Denoiser, ts: Sequence[int]) -> list[tuple[int, float, float]]:
     """(t, alpha_bar_t, alpha_bar_prev) per step; the level after the last step is clean (alpha_bar = 1)."""
-    ts = timesteps(denoiser.num_timesteps, steps)
     ab = denoiser.alphas_cumprod
     return [(t, ab[t], ab[ts[i + 1]] if i + 1 < len(ts) else 1.0) for i, t in enumerate(ts)]
 
@@ -70,9 +71,9 @@ def posterior_mean(x, x0, ab_t: float, ab_prev: float):
 
 
 @torch.inference_mode()
-def sample_ddpm(denoiser, x, steps, generator, callback=None):
+def sample_ddpm(denoiser, x, ts, generator, callback=None):
     """Ho et al. 2020, Algorithm 2: ancestral sampling with sigma_t^2 = beta_t."""
-    levels = _levels(denoiser, steps)
+    levels = _levels(denoiser, ts)
     for i, (t, ab_t, ab_prev) in enumerate(levels):
         eps, x0 = denoiser.predict(x, t)
         x = ddpm_mean(x, eps, ab_t, ab_prev)  # 4. mu_theta(x_t, t)
@@ -84,9 +85,9 @@ def sample_ddpm(denoiser, x, steps, generator, callback=None):
 
 
 @torch.inference_mode()
-def sample_ddpm_x0(denoiser, x, steps, generator, callback=None):
+def sample_ddpm_x0(denoiser, x, ts, generator, callback=None):
     """Ho et al. 2020, eqs. 6-7: predict x0, then sample the posterior q(x_{t-1} | x_t, x0) (no clipping)."""
-    levels = _levels(denoiser, steps)
+    levels = _levels(denoiser, ts)
     for i, (t, ab_t, ab_prev) in enumerate(levels):
         eps, x0 = denoiser.predict(x, t)
         x = posterior_mean(x, x0, ab_t, ab_prev)
@@ -99,9 +100,9 @@ def sample_ddpm_x0(denoiser, x, steps, generator, callback=None):
 
 
 @torch.inference_mode()
-def sample_ddim(denoiser, x, steps, generator, callback=None, eta: float = 0.0):
+def sample_ddim(denoiser, x, ts, generator, callback=None, eta: float = 0.0):
     """Song et al. 2021, eq. 12: DDIM, deterministic at eta = 0, DDPM-like at eta = 1."""
-    levels = _levels(denoiser, steps)
+    levels = _levels(denoiser, ts)
     for i, (t, ab_t, ab_prev) in enumerate(levels):
         eps, x0 = denoiser.predict(x, t)
         # 16. sigma_t(eta) = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev)
@@ -116,9 +117,9 @@ def sample_ddim(denoiser, x, steps, generator, callback=None, eta: float = 0.0):
 
 
 @torch.inference_mode()
-def sample_dpmpp_2m(denoiser, x, steps, generator, callback=None):
+def sample_dpmpp_2m(denoiser, x, ts, generator, callback=None):
     """Lu et al. 2022, Algorithm 2: DPM-Solver++(2M), data prediction, first order on the first and last steps."""
-    levels = _levels(denoiser, steps)
+    levels = _levels(denoiser, ts)
 
     def lam(ab: float) -> float:  # lambda = log(alpha / sigma), half the log-SNR
         return 0.5 * (math.log(ab) - math.log1p(-ab))
@@ -217,6 +218,28 @@ def resolve_steps(spec: SamplerSpec, steps: int | None, num_timesteps: int) -> i
     return steps
 
 
+SPACINGS = ("trailing", "tuned")
+
+
+def resolve_timesteps(spec: SamplerSpec, denoiser: Denoiser, steps: int, spacing: str | None) -> tuple[list[int], str]:
+    """The levels to evaluate and the spacing that chose them. Default: the checkpoint's schedule tuned for this
+    sampler and number of steps when it has one (see training/timestep_search.py), else trailing spacing."""
+    tuned = denoiser.tuned_timesteps.get(spec.name, {})
+    if spacing is None:
+        spacing = "tuned" if steps in tuned else "trailing"
+    if spacing == "trailing":
+        return timesteps(denoiser.num_timesteps, steps), spacing
+    if spacing != "tuned":
+        raise SamplerError("spacing", f"unknown spacing {spacing!r}; valid spacings: {', '.join(SPACINGS)}")
+    if steps not in tuned:
+        have = f"steps {', '.join(map(str, sorted(tuned)))}" if tuned else "no steps"
+        raise SamplerError(
+            "spacing",
+            f"spacing=tuned: this model has tuned timesteps for sampler {spec.name!r} at {have}, not at steps={steps}",
+        )
+    return list(tuned[steps]), spacing
+
+
 def resolve_params(spec: SamplerSpec, params: dict[str, float | None]) -> dict[str, float]:
     out = {}
     for name, value in params.items():
@@ -243,11 +266,13 @@ def sample(
     generator,
     steps: int | None = None,
     callback: Callback | None = None,
+    spacing: str | None = None,
     **params,
 ) -> torch.Tensor:
     """Validate, draw x_T from the request's generator, run the named sampler."""
     spec = get_sampler(name)
     steps = resolve_steps(spec, steps, denoiser.num_timesteps)
+    ts, _ = resolve_timesteps(spec, denoiser, steps, spacing)
     params = resolve_params(spec, params)
     x = initial_noise(n, generator, denoiser.device)
-    return spec.fn(denoiser, x, steps, generator, callback, **params)
+    return spec.fn(denoiser, x, ts, generator, callback, **params)

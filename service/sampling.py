@@ -17,7 +17,7 @@ from service.samplers import (
     initial_noise,
     resolve_params,
     resolve_steps,
-    timesteps,
+    resolve_timesteps,
 )
 from service.schemas import SamplingParams
 
@@ -31,12 +31,24 @@ class Plan:
 
     spec: SamplerSpec
     n: int
-    steps: int
+    timesteps: tuple[int, ...]  # the levels evaluated, noisiest first
+    spacing: str  # what chose them: "trailing" or "tuned" (the checkpoint's schedule for this sampler and steps)
     seed: int
     params: dict[str, float]
 
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
     def describe(self) -> dict:
-        return {"n": self.n, "sampler": self.spec.name, "steps": self.steps, "seed": self.seed, **self.params}
+        return {
+            "n": self.n,
+            "sampler": self.spec.name,
+            "steps": self.steps,
+            "spacing": self.spacing,
+            "seed": self.seed,
+            **self.params,
+        }
 
 
 @dataclass(frozen=True)
@@ -52,9 +64,10 @@ def plan(model: LoadedModel, params: SamplingParams) -> Plan:
     """Raises SamplerError (-> 422) for steps beyond this model's T or parameters the sampler lacks."""
     spec = get_sampler(params.sampler.value)
     steps = resolve_steps(spec, params.steps, model.denoiser.num_timesteps)
+    ts, spacing = resolve_timesteps(spec, model.denoiser, steps, params.spacing)
     extra = resolve_params(spec, {"eta": params.eta})
     seed = params.seed if params.seed is not None else secrets.randbits(63)
-    return Plan(spec, params.n, steps, seed, extra)
+    return Plan(spec, params.n, tuple(ts), spacing, seed, extra)
 
 
 def run_plan(model: LoadedModel, p: Plan, job: Job, record: bool = False, record_x0: bool = False):
@@ -72,7 +85,7 @@ def run_plan(model: LoadedModel, p: Plan, job: Job, record: bool = False, record
         if record_x0:
             x0s.append(step.x0)
 
-    out = p.spec.fn(model.denoiser, x, p.steps, generator, callback, **p.params)
+    out = p.spec.fn(model.denoiser, x, list(p.timesteps), generator, callback, **p.params)
     # One device->host copy per array, after all steps: no per-step synchronization.
     stacked = torch.stack(frames).cpu().numpy() if record else None
     return out.cpu().numpy(), stacked, (torch.stack(x0s).cpu().numpy() if record_x0 else None)
@@ -96,7 +109,7 @@ async def sample_points(
             (points, frames, x0), timing = await gate.run(
                 lambda job: run_plan(model, p, job, record, record_x0), is_disconnected
             )
-    return Result(points, timesteps(model.denoiser.num_timesteps, p.steps), frames, x0, timing)
+    return Result(points, list(p.timesteps), frames, x0, timing)
 
 
 async def render_animation(
@@ -107,7 +120,7 @@ async def render_animation(
     def work(job: Job) -> bytes:
         _, frames, _ = run_plan(model, p, job, record=True)
         job.check()
-        return animation_mp4(frames, p.spec.name, timesteps(model.denoiser.num_timesteps, p.steps), size, fps)
+        return animation_mp4(frames, p.spec.name, list(p.timesteps), size, fps)
 
     with gate.reserve_points(p.n):
         return await gate.run(work, is_disconnected)

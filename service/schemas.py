@@ -1,11 +1,11 @@
 """Query parameters of the sampling endpoints. Every parameter that costs compute has a hard bound here."""
 
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.samplers import SAMPLERS
+from service.samplers import SAMPLERS, SPACINGS
 
 SamplerName = StrEnum("SamplerName", {name: name for name in SAMPLERS})
 
@@ -29,6 +29,12 @@ class SamplingParams(BaseModel):
         le=STEPS_MAX,
         examples=[40, 10],
         description="denoising steps, 1..T of the model (default: the sampler's default)",
+    )
+    spacing: Literal[SPACINGS] | None = Field(
+        None,
+        examples=["tuned", "trailing"],
+        description="which levels the steps visit: trailing (evenly spaced from T-1) or tuned (chosen for this model "
+        "and sampler, see /samplers); default: tuned where the model has a schedule for these steps",
     )
     seed: int | None = Field(
         None, ge=0, le=SEED_MAX, examples=[0], description="random seed; omitted: one is drawn and returned"
@@ -73,5 +79,7 @@ def allowed_values(path: str, name: str) -> str | None:
     high = next((m.le for m in field.metadata if hasattr(m, "le")), None)
     if low is not None and high is not None:
         return f"{low}..{high}"
-    args = getattr(field.annotation, "__args__", ())
-    return ", ".join(map(str, args)) if args and all(isinstance(a, str) for a in args) else None
+    # Literal["a", "b"], possibly optional: the strings of every Literal in the annotation
+    annotations = [field.annotation, *getattr(field.annotation, "__args__", ())]
+    args = [a for ann in annotations if get_origin(ann) is Literal for a in get_args(ann)]
+    return ", ".join(args) if args and all(isinstance(a, str) for a in args) else None

@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument(
         "--no-evaluate",
         action="store_true",
-        help="skip measuring each sampler's quality (stored in the metadata) after training",
+        help="skip tuning few-step timestep schedules and measuring each sampler's quality (both stored in the "
+        "metadata) after training",
     )
     args = parser.parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k not in ("no_progress", "no_evaluate")}

@@ -3,7 +3,7 @@
 import copy
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,13 +11,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from service.checkpoint import resolve_device
+from service.checkpoint import parse_tuned_timesteps, resolve_device
 from service.denoiser import Denoiser
 from training.data import load_swiss_roll
-from training.evaluate import quality_summary
+from training.evaluate import fresh_real, quality_summary
 from training.export import save_checkpoint
 from training.model import DenoiserMLP, flops_per_sample, get_preset
 from training.schedules import SCHEDULES, make_alphas_cumprod
+from training.timestep_search import tune
+
+# Fresh real points that score the tuned timestep schedules; a seed no benchmark or quality summary uses.
+TUNING_POINTS, TUNING_SEED = 50_000, 54_321
 
 
 @dataclass
@@ -169,6 +173,11 @@ def train(config: TrainConfig) -> dict:
     }
     if config.evaluate:
         denoiser = Denoiser(final_net.cpu(), tuple(alphas_cumprod64.tolist()), net_config.prediction_type)
+        # Fresh points from a seed of their own: the benchmark's and quality_summary's references stay unseen.
+        real = fresh_real(TUNING_POINTS, config.data_noise, TUNING_SEED, data.mean, data.std)
+        tuned, metadata["timestep_search"] = tune(denoiser, real)
+        metadata["tuned_timesteps"] = tuned
+        denoiser = replace(denoiser, tuned_timesteps=parse_tuned_timesteps(tuned, config.num_timesteps))
         metadata["quality"] = quality_summary(denoiser, data.mean, data.std, config.data_noise)
     out = save_checkpoint(final_net, alphas_cumprod64, metadata, config.out)
     if config.loss_curve:

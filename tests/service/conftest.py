@@ -10,6 +10,8 @@ from training.model import DenoiserMLP, NetConfig
 from training.schedules import make_alphas_cumprod
 
 TINY_T = 10
+# The tiny checkpoint carries one tuned schedule, as training writes them: dpmpp_2m at 4 steps.
+TINY_TUNED = [9, 6, 3, 0]
 
 
 def write_tiny_checkpoint(path, prediction_type="v", num_timesteps=TINY_T, **metadata_overrides):
@@ -24,6 +26,7 @@ def write_tiny_checkpoint(path, prediction_type="v", num_timesteps=TINY_T, **met
         "data": {"mean": [0.0, 0.0], "std": [1.0, 1.0]},
         "training": {"final_train_loss": 1.0, "final_val_loss": 1.0},
         "created_at": "2026-01-01T00:00:00+00:00",
+        "tuned_timesteps": {"dpmpp_2m": {str(len(TINY_TUNED)): TINY_TUNED}} if num_timesteps == TINY_T else {},
         **metadata_overrides,
     }
     return save_checkpoint(net, make_alphas_cumprod("cosine", num_timesteps), metadata, path)

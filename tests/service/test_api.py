@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.samplers import SAMPLERS, timesteps
-from tests.service.conftest import TINY_T, make_settings
+from tests.service.conftest import TINY_T, TINY_TUNED, make_settings
 
 
 def test_sample_defaults(client, tiny_checkpoint_id):
@@ -71,7 +71,7 @@ def test_json_points_round_trip_float32_exactly(client):
         ("seed=abc", "seed", "0..9223372036854775807"),
         ("seed=-1", "seed", "0..9223372036854775807"),
         ("format=xml", "format", "'json' or 'npy'"),
-        ("colour=red", "colour", "valid parameters: eta, format, n, sampler, seed, steps"),
+        ("colour=red", "colour", "valid parameters: eta, format, n, sampler, seed, spacing, steps"),
     ],
 )
 def test_bad_input_is_422_naming_the_parameter_and_the_allowed_values(client, query, param, expect):
@@ -91,6 +91,35 @@ def test_trajectory_frames(client):
     # The last frame is the sample itself: same code path, same seed.
     points = np.asarray(client.get("/sample?n=40&sampler=ddim&steps=4&seed=2").json()["points"])
     np.testing.assert_allclose(frames[-1], points, atol=5e-4)
+
+
+def test_tuned_timesteps_are_the_default_where_the_model_has_them(client):
+    q = "/trajectory?n=30&sampler=dpmpp_2m&seed=5"
+    tuned = client.get(f"{q}&steps=4").json()
+    assert tuned["timesteps"] == TINY_TUNED and tuned["spacing"] == "tuned"
+    assert client.get(f"{q}&steps=4&spacing=tuned").json()["frames"] == tuned["frames"]
+    trailing = client.get(f"{q}&steps=4&spacing=trailing").json()
+    assert trailing["timesteps"] == timesteps(TINY_T, 4) != TINY_TUNED and trailing["spacing"] == "trailing"
+    assert trailing["frames"][-1] != tuned["frames"][-1]
+    # Where the model has no tuned schedule, trailing spacing is the default.
+    other = client.get(f"{q}&steps=5").json()
+    assert other["timesteps"] == timesteps(TINY_T, 5) and other["spacing"] == "trailing"
+    assert client.get("/sample?n=5&sampler=dpmpp_2m&steps=4").json()["spacing"] == "tuned"
+
+
+@pytest.mark.parametrize(
+    "query, message",
+    [
+        ("sampler=dpmpp_2m&steps=5&spacing=tuned", "tuned timesteps for sampler 'dpmpp_2m' at steps 4, not at steps=5"),
+        ("sampler=ddim&steps=4&spacing=tuned", "tuned timesteps for sampler 'ddim' at no steps"),
+        ("spacing=even", "'trailing' or 'tuned'"),
+    ],
+)
+def test_unavailable_spacing_is_422_naming_what_exists(client, query, message):
+    r = client.get(f"/sample?n=5&{query}")
+    assert r.status_code == 422
+    detail = r.json()["detail"][0]
+    assert detail["loc"] == ["query", "spacing"] and message in detail["msg"]
 
 
 def test_trajectory_is_compact(client):
@@ -120,6 +149,7 @@ def test_samplers_endpoint(client):
         "description": by_name["ddim"]["params"]["eta"]["description"],
     }
     assert by_name["ddpm"]["params"] == {}
+    assert by_name["dpmpp_2m"]["tuned_timesteps"] == {"4": TINY_TUNED} and by_name["ddpm"]["tuned_timesteps"] == {}
     assert all(s["description"] and s["paper"] for s in body)
 
 
@@ -157,7 +187,7 @@ def test_metrics(client):
 def test_openapi_documents_bounds_and_examples(client):
     spec = client.get("/openapi.json").json()
     params = {p["name"]: p for p in spec["paths"]["/sample"]["get"]["parameters"]}
-    assert set(params) == {"sampler", "steps", "seed", "eta", "n", "format"}
+    assert set(params) == {"sampler", "steps", "spacing", "seed", "eta", "n", "format"}
     assert params["n"]["schema"]["maximum"] == 100_000 and params["n"]["schema"]["minimum"] == 1
     assert all(p.get("examples") or p["schema"].get("examples") for p in params.values())
     assert client.get("/docs").status_code == 200

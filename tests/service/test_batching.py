@@ -2,6 +2,7 @@
 
 import io
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,7 +11,6 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.checkpoint import LoadedModel, load_model
-from service.denoiser import Denoiser
 from service.samplers import sample
 from tests.service.conftest import TINY_T, make_settings
 
@@ -28,9 +28,8 @@ class CountingNet:
 def counted(tiny_checkpoint):
     loaded = load_model(tiny_checkpoint, torch.device("cpu"))
     net = CountingNet(loaded.denoiser.net)
-    d = loaded.denoiser
     model = LoadedModel(
-        Denoiser(net, d.alphas_cumprod, d.prediction_type, d.device),
+        replace(loaded.denoiser, net=net),
         loaded.metadata,
         loaded.id,
         loaded.path,
@@ -70,6 +69,19 @@ def test_batched_points_are_bitwise_identical_to_unbatched(counted):
     # Two sampler groups, each merged: far fewer forward calls than one chain per request.
     unbatched_calls = sum(TINY_T if s == "ddpm" else min(10, TINY_T) for s, _, _ in REQUESTS)
     assert batched_calls <= 2 * (TINY_T + min(10, TINY_T)), (batched_calls, unbatched_calls)
+
+
+def test_tuned_and_trailing_schedules_are_never_batched_together(counted):
+    # Same sampler and steps, different levels: sharing a network call would be wrong for one of them.
+    model, net = counted
+    queries = [f"sampler=dpmpp_2m&steps=4&n=50&seed={i}&spacing={sp}" for i in range(6) for sp in ("tuned", "trailing")]
+    app = create_app(make_settings(model.path, max_wait_ms=200, max_concurrency=1), model=model)
+    with TestClient(app) as client, ThreadPoolExecutor(len(queries)) as pool:
+        results = list(pool.map(lambda q: fetch_npy(client, q), queries))
+    for q, points in zip(queries, results, strict=True):
+        seed, spacing = int(q.split("seed=")[1].split("&")[0]), q.split("spacing=")[1]
+        direct = sample(model.denoiser, "dpmpp_2m", 50, torch.Generator().manual_seed(seed), 4, spacing=spacing)
+        assert np.array_equal(points, direct.numpy()), q
 
 
 def test_many_small_requests_take_few_model_calls(counted):

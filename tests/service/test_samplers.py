@@ -76,17 +76,17 @@ def test_every_sampler_on_the_service_schedule(name):
     assert_recovers_gaussian(points, extra_cov_tol=discretization)
 
 
-def _ddpm_without_noise(denoiser, x, steps, generator, callback=None):
-    for t, ab_t, ab_prev in S._levels(denoiser, steps):
+def _ddpm_without_noise(denoiser, x, ts, generator, callback=None):
+    for t, ab_t, ab_prev in S._levels(denoiser, ts):
         eps, _ = denoiser.predict(x, t)
         x = S.ddpm_mean(x, eps, ab_t, ab_prev)
     return x
 
 
-def _dpmpp_wrong_sign(denoiser, x, steps, generator, callback=None):
+def _dpmpp_wrong_sign(denoiser, x, ts, generator, callback=None):
     import math
 
-    levels = S._levels(denoiser, steps)
+    levels = S._levels(denoiser, ts)
     x0_prev, h_prev = None, 0.0
     for i, (t, ab_s, ab_t) in enumerate(levels):
         _, x0 = denoiser.predict(x, t)
@@ -102,7 +102,7 @@ def _dpmpp_wrong_sign(denoiser, x, steps, generator, callback=None):
 
 def test_a_wrong_sampler_fails_the_oracle():
     points = _ddpm_without_noise(
-        oracle(AB1000), torch.randn(N, 2, generator=torch.Generator().manual_seed(0)), 1000, None
+        oracle(AB1000), torch.randn(N, 2, generator=torch.Generator().manual_seed(0)), timesteps(1000, 1000), None
     )
     with pytest.raises(AssertionError, match="covariance"):
         assert_recovers_gaussian(points)
@@ -133,20 +133,21 @@ def test_ddpm_and_ddpm_x0_differ_only_in_variance():
     d = oracle(AB40)
     x = torch.randn(500, 2, generator=torch.Generator().manual_seed(3))
     zero = [(None, 500)]
-    a = S.sample_ddpm(d, x, 40, zero)
-    b = S.sample_ddpm_x0(d, x, 40, zero)
+    a = S.sample_ddpm(d, x, timesteps(40, 40), zero)
+    b = S.sample_ddpm_x0(d, x, timesteps(40, 40), zero)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # ...and with noise they differ: beta_t > beta-tilde_t.
     g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
-    assert not torch.allclose(S.sample_ddpm(d, x, 40, g1), S.sample_ddpm_x0(d, x, 40, g2), atol=1e-3)
+    ts = timesteps(40, 40)
+    assert not torch.allclose(S.sample_ddpm(d, x, ts, g1), S.sample_ddpm_x0(d, x, ts, g2), atol=1e-3)
 
 
 def test_ddim_at_eta_one_is_the_posterior_sampler():
     # Song et al. 2021: sigma(eta = 1) is the DDPM posterior std, and the DDIM update is the posterior mean.
     d = oracle(AB40)
     x = torch.randn(1000, 2, generator=torch.Generator().manual_seed(5))
-    a = S.sample_ddim(d, x, 10, torch.Generator().manual_seed(7), eta=1.0)
-    b = S.sample_ddpm_x0(d, x, 10, torch.Generator().manual_seed(7))
+    a = S.sample_ddim(d, x, timesteps(40, 10), torch.Generator().manual_seed(7), eta=1.0)
+    b = S.sample_ddpm_x0(d, x, timesteps(40, 10), torch.Generator().manual_seed(7))
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -221,7 +222,7 @@ def test_step_for_step_agreement_with_diffusers(name, steps, cls, config, step_k
     SAMPLERS[name].fn(
         denoiser,
         x_T,
-        steps,
+        timesteps(40, steps),
         torch.Generator().manual_seed(4),
         lambda s: ours.append(s.x),
         **{k: v for k, v in step_kwargs.items() if k == "eta" and name == "ddim"},

@@ -80,6 +80,13 @@ def edit_metadata(path, edit) -> None:
         (lambda m: {**m, "prediction_type": "sample"}, "prediction_type 'sample'"),
         (lambda m: {**m, "num_timesteps": 12}, r"float64 of shape \[12\]"),
         (lambda m: {**m, "format_version": 99}, "format_version 99 unsupported"),
+        (lambda m: {**m, "tuned_timesteps": [9, 5]}, "tuned_timesteps must be an object"),
+        (lambda m: {**m, "tuned_timesteps": {"ddim": [9, 5]}}, r"tuned_timesteps\['ddim'\] must be an object"),
+        (lambda m: {**m, "tuned_timesteps": {"ddim": {"2": [8, 5]}}}, r"from 9 to >= 0, got \[8, 5\]"),  # not T-1
+        (lambda m: {**m, "tuned_timesteps": {"ddim": {"3": [9, 5, 5]}}}, "strictly decreasing"),
+        (lambda m: {**m, "tuned_timesteps": {"ddim": {"3": [9, 5]}}}, "must list 3 levels"),
+        (lambda m: {**m, "tuned_timesteps": {"ddim": {"2": [9, -1]}}}, r"got \[9, -1\]"),
+        (lambda m: {**m, "tuned_timesteps": {"ddim": {"2": [9, 2.5]}}}, r"got \[9, 2.5\]"),
     ],
 )
 def test_contract_violations_are_named(tmp_path, edit, problem):
@@ -89,8 +96,16 @@ def test_contract_violations_are_named(tmp_path, edit, problem):
         load_model(path, torch.device("cpu"))
 
 
+def test_tuned_timesteps_of_unknown_samplers_are_skipped(tmp_path):
+    # A newer trainer may tune samplers this service lacks: the checkpoint still loads, with what it can use.
+    path = write_tiny_checkpoint(tmp_path / "c.pt", tuned_timesteps={"euler": {"2": [9, 0]}, "ddim": {"2": [9, 3]}})
+    assert load_model(path, torch.device("cpu")).denoiser.tuned_timesteps == {"ddim": {2: (9, 3)}}
+
+
 def test_committed_checkpoint_loads(tmp_path):
     model = load_model(REPO / "checkpoints" / "swissroll.pt", torch.device("cpu"))
     assert model.denoiser.num_timesteps == 40
     assert model.metadata["prediction_type"] in ("epsilon", "v")
     assert len(model.id) == 64
+    # Training tunes the few-step schedules: the default fast setting (dpmpp_2m, 10 steps) uses one.
+    assert 10 in model.denoiser.tuned_timesteps["dpmpp_2m"]

@@ -4,6 +4,7 @@ import zipfile
 import pytest
 import torch
 
+from service.checkpoint import load_model
 from training import export
 from training.__main__ import parse_args
 from training.export import load_checkpoint, save_checkpoint
@@ -141,6 +142,13 @@ def test_quality_is_measured_and_stored(tmp_path):
     assert 0 < quality["floor"] < 0.05, "real-vs-real at n = 20,000"
     # One epoch on 2,000 points is a poor model: its samples must be measurably worse than the floor.
     assert all(row["ratio_to_floor"] > 1.5 for row in quality["samplers"].values())
+    # Few-step schedules are tuned for this network and stored where the service reads them.
+    assert stored["tuned_timesteps"] == meta["tuned_timesteps"] and set(stored["tuned_timesteps"]["dpmpp_2m"]) == {
+        "5",
+        "10",
+    }
+    assert load_model(tmp_path / "q.pt", torch.device("cpu")).denoiser.tuned_timesteps["dpmpp_2m"][10][0] == 39
+    assert stored["timestep_search"]["results"]["dpmpp_2m"]["10"]["error"] > 0
 
 
 @pytest.mark.parametrize("preset", ["seed", "default"])
