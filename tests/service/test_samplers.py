@@ -178,6 +178,14 @@ CASES = [
     ("dpmpp_2m", 10, "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, {}),
     ("dpmpp_2m", 5, "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, {}),
     ("dpmpp_2m", 20, "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, {}),
+    # A tuned schedule (the committed checkpoint's for 10 steps): uneven gaps exercise the multistep ratio r.
+    (
+        "dpmpp_2m",
+        [39, 34, 33, 26, 21, 16, 10, 5, 3, 1],
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+        {},
+    ),
 ]
 
 
@@ -206,8 +214,10 @@ def test_step_for_step_agreement_with_diffusers(name, steps, cls, config, step_k
     if hasattr(scheduler, "lambda_t"):
         scheduler.alpha_t, scheduler.sigma_t = AB40.sqrt(), (1 - AB40).sqrt()
         scheduler.lambda_t = scheduler.alpha_t.log() - scheduler.sigma_t.log()
-    scheduler.set_timesteps(steps)
-    assert scheduler.timesteps.tolist() == timesteps(40, steps)
+    # steps: a number (trailing spacing) or an explicit list of levels (a tuned schedule)
+    ts = steps if isinstance(steps, list) else timesteps(40, steps)
+    scheduler.set_timesteps(timesteps=ts) if isinstance(steps, list) else scheduler.set_timesteps(steps)
+    assert scheduler.timesteps.tolist() == ts
     if hasattr(scheduler, "sigmas"):  # DPM-Solver recasts its sigmas to float32 in set_timesteps
         sigmas = ((1 - AB40) / AB40).sqrt()[scheduler.timesteps]
         scheduler.sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
@@ -222,12 +232,12 @@ def test_step_for_step_agreement_with_diffusers(name, steps, cls, config, step_k
     SAMPLERS[name].fn(
         denoiser,
         x_T,
-        timesteps(40, steps),
+        ts,
         torch.Generator().manual_seed(4),
         lambda s: ours.append(s.x),
         **{k: v for k, v in step_kwargs.items() if k == "eta" and name == "ddim"},
     )
-    assert len(ours) == len(theirs) == steps
+    assert len(ours) == len(theirs) == len(ts)
     worst = max((a - b).abs().max().item() for a, b in zip(ours, theirs, strict=True))
     assert worst < 1e-5, f"max step difference {worst:.2e}"
 
