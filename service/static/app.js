@@ -131,7 +131,8 @@
     el.steps.max = max;
     if (!state.stepsTouched || el.steps.value === "") el.steps.value = s.steps.default;
     else el.steps.value = clamp(Math.round(Number(el.steps.value)) || s.steps.default, min, max);
-    el.stepsHint.textContent = `${min}–${max}, default ${s.steps.default}`;
+    const tuned = Object.keys(s.tuned_timesteps || {});
+    el.stepsHint.textContent = `${min}–${max}, default ${s.steps.default}` + (tuned.length ? ` · tuned at ${tuned.join(", ")}` : "");
     const eta = s.params && s.params.eta;
     el.etaField.hidden = !eta;
     if (eta) {
@@ -186,6 +187,7 @@
         seed,
         sampler: data.sampler,
         steps: data.steps,
+        spacing: data.spacing,
         n: data.n,
         eta: query.eta,
         timesteps: data.timesteps,
@@ -474,7 +476,8 @@
 
   function animationUrl() {
     const run = state.run;
-    const q = { n: run.n, sampler: run.sampler, steps: run.steps, seed: run.seed, fps: MP4.fps, size: MP4.size };
+    // The same levels as the run on screen (tuned or trailing), so the video shows exactly that run.
+    const q = { n: run.n, sampler: run.sampler, steps: run.steps, spacing: run.spacing, seed: run.seed, fps: MP4.fps, size: MP4.size };
     if (run.eta !== undefined) q.eta = run.eta;
     return `/animation?${new URLSearchParams(q)}`;
   }
