@@ -175,7 +175,7 @@ def train(config: TrainConfig) -> dict:
         denoiser = Denoiser(final_net.cpu(), tuple(alphas_cumprod64.tolist()), net_config.prediction_type)
         # Fresh points from a seed of their own: the benchmark's and quality_summary's references stay unseen.
         real = fresh_real(TUNING_POINTS, config.data_noise, TUNING_SEED, data.mean, data.std)
-        tuned, metadata["timestep_search"] = tune(denoiser, real)
+        tuned, metadata["timestep_search"] = tune(denoiser, real, seed=TUNING_SEED)
         metadata["tuned_timesteps"] = tuned
         denoiser = replace(denoiser, tuned_timesteps=parse_tuned_timesteps(tuned, config.num_timesteps))
         metadata["quality"] = quality_summary(denoiser, data.mean, data.std, config.data_noise)

@@ -181,7 +181,7 @@ CASES = [
     # A tuned schedule (the committed checkpoint's for 10 steps): uneven gaps exercise the multistep ratio r.
     (
         "dpmpp_2m",
-        [39, 34, 33, 26, 21, 16, 10, 5, 3, 1],
+        [39, 35, 31, 26, 20, 16, 10, 5, 3, 1],
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2},
         {},

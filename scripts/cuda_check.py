@@ -1,0 +1,105 @@
+"""CUDA check of the sampling maths (run next to scripts/gpu_smoke.sh on a GPU machine; ~1 min).
+
+    python scripts/cuda_check.py
+
+On the committed checkpoint, loaded on CUDA: sliced W2 of ddpm@40 and tuned dpmpp_2m@10 against fresh real data
+(must match the CPU benchmark's quality, bench/results/quality.md), the largest difference between CUDA and CPU
+network outputs on the same inputs, whether dynamic batching's rows are unchanged on CUDA (guaranteed on CPU
+only; reported, not required), and in-process sampling time for n = 10^4..10^6.
+"""
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from unittest.mock import patch
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from service.checkpoint import load_model  # noqa: E402
+from service.denoiser import FORWARD_CHUNK, Denoiser  # noqa: E402
+from service.samplers import initial_noise, sample, timesteps  # noqa: E402
+from training.evaluate import fresh_real  # noqa: E402
+from training.metrics import sliced_w2  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT = REPO / "checkpoints" / "swissroll.pt"
+QUALITY = REPO / "bench" / "results" / "quality.json"
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("CUDA is not available")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    gpu_model, cpu_model = load_model(CHECKPOINT, cuda), load_model(CHECKPOINT, cpu)
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
+    meta = gpu_model.metadata["data"]
+    n, failures = 50_000, []
+
+    # 1. Quality on CUDA, against the committed CPU benchmark (bench/results/quality.json, same seeds and n).
+    rows = json.loads(QUALITY.read_text())["models"]["committed default"]["rows"]
+    bench = {(r["sampler"], r["steps"]): r["sliced_w2"] for r in rows}
+    expected = {("ddpm", 40): bench["ddpm", 40], ("dpmpp_2m", 10): bench["dpmpp_2m (tuned)", 10]}
+    for (name, steps), cpu_w2 in expected.items():
+        values = []
+        for seed in range(3):
+            g = torch.Generator(device=cuda).manual_seed(seed)
+            points = sample(gpu_model.denoiser, name, n, g, steps).cpu().numpy()
+            real = fresh_real(n, meta["noise"], 10_000 + seed, meta["mean"], meta["std"])
+            values.append(sliced_w2(real, points))
+        w2 = float(np.mean(values))
+        ok = w2 < 1.5 * cpu_w2
+        failures += [] if ok else [f"{name}@{steps}"]
+        verdict = "ok" if ok else "BAD"
+        print(f"quality on CUDA: {name}@{steps} sliced W2 {w2:.4f} (CPU benchmark {cpu_w2:.4f}) {verdict}")
+
+    # 2. The network itself: CUDA vs CPU on the same inputs, every level.
+    x = torch.randn(4096, 2, generator=torch.Generator().manual_seed(0))
+    worst = 0.0
+    with torch.inference_mode():
+        for t in range(gpu_model.denoiser.num_timesteps):
+            a = gpu_model.denoiser.predict(x.to(cuda), t)[1].cpu()
+            b = cpu_model.denoiser.predict(x, t)[1]
+            worst = max(worst, (a - b).abs().max().item())
+    failures += [] if worst < 1e-3 else ["cuda-vs-cpu"]
+    print(f"x0 prediction, CUDA vs CPU, max abs difference over all levels: {worst:.2e}")
+
+    # 3. Batch invariance on CUDA (informational): one request's rows alone vs inside a larger batch.
+    ts = timesteps(40, 40)
+    alone = initial_noise(1000, torch.Generator(device=cuda).manual_seed(1), cuda)
+    others = torch.randn(7000, 2, device=cuda)
+    with torch.inference_mode():
+        a = gpu_model.denoiser.predict(alone, ts[5])[1]
+        b = gpu_model.denoiser.predict(torch.cat([others, alone]), ts[5])[1][7000:]
+    print(f"batch invariance on CUDA: max abs row difference {(a - b).abs().max().item():.2e} (CPU: exactly 0)")
+
+    # 4. In-process sampling time on CUDA: the one-call-per-step path vs the CPU path's padding and chunks.
+    def timed(name: str, size: int) -> float:
+        runs = []
+        for i in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            sample(gpu_model.denoiser, name, size, torch.Generator(device=cuda).manual_seed(i))
+            torch.cuda.synchronize()
+            runs.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(runs[1:])
+
+    for name in ("ddpm", "dpmpp_2m"):
+        for size in (10_000, 100_000, 1_000_000):
+            fast = timed(name, size)
+            with patch.object(Denoiser, "_forward_accelerator", Denoiser._forward_cpu):
+                chunked = timed(name, size)
+            print(
+                f"CUDA in-process {name:9s} n={size:>9,}: {fast:8.1f} ms one call per step, "
+                f"{chunked:8.1f} ms padded + {FORWARD_CHUNK}-row chunks ({chunked / fast:.1f}x)"
+            )
+    if failures:
+        sys.exit(f"cuda_check FAILED: {', '.join(failures)}")
+    print("cuda_check passed")
+
+
+if __name__ == "__main__":
+    main()
