@@ -2,12 +2,12 @@
 
 Every sampler has the signature
     sampler(denoiser, x, ts, generator, callback=None, **params) -> x_0
-where x is the initial noise x_T, `ts` lists the training levels to evaluate, noisiest first (one network
-evaluation each, as k-diffusion's samplers take a list of sigmas; see `timesteps` and the checkpoint's tuned
-schedules), `generator`
-is the request's own torch.Generator (or a NoiseSources list for batched requests), and `callback`, if
-given, receives a Step after every update. Per-step coefficients are Python floats computed from the
-float64 schedule, so no step synchronizes with the device.
+where x is the initial noise x_T; `ts` lists the training levels to evaluate, noisiest first, one network
+evaluation each (as k-diffusion's samplers take a list of sigmas: trailing spacing from `timesteps`, or a
+schedule the checkpoint carries, see `resolve_timesteps`); `generator` is the request's own torch.Generator
+(or a NoiseSources list for batched requests); and `callback`, if given, receives a Step after every update.
+Per-step coefficients are Python floats computed from the float64 schedule, so no step synchronizes with the
+device.
 """
 
 import math
@@ -231,11 +231,13 @@ def resolve_timesteps(spec: SamplerSpec, denoiser: Denoiser, steps: int, spacing
         return timesteps(denoiser.num_timesteps, steps), spacing
     if spacing != "tuned":
         raise SamplerError("spacing", f"unknown spacing {spacing!r}; valid spacings: {', '.join(SPACINGS)}")
+    if not tuned:
+        raise SamplerError("spacing", f"spacing=tuned: this model has no tuned timesteps for sampler {spec.name!r}")
     if steps not in tuned:
-        have = f"steps {', '.join(map(str, sorted(tuned)))}" if tuned else "no steps"
+        have = ", ".join(map(str, sorted(tuned)))
         raise SamplerError(
             "spacing",
-            f"spacing=tuned: this model has tuned timesteps for sampler {spec.name!r} at {have}, not at steps={steps}",
+            f"spacing=tuned: this model has tuned timesteps for sampler {spec.name!r} at steps {have}, not at {steps}",
         )
     return list(tuned[steps]), spacing
 

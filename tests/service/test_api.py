@@ -110,8 +110,8 @@ def test_tuned_timesteps_are_the_default_where_the_model_has_them(client):
 @pytest.mark.parametrize(
     "query, message",
     [
-        ("sampler=dpmpp_2m&steps=5&spacing=tuned", "tuned timesteps for sampler 'dpmpp_2m' at steps 4, not at steps=5"),
-        ("sampler=ddim&steps=4&spacing=tuned", "tuned timesteps for sampler 'ddim' at no steps"),
+        ("sampler=dpmpp_2m&steps=5&spacing=tuned", "tuned timesteps for sampler 'dpmpp_2m' at steps 4, not at 5"),
+        ("sampler=ddim&steps=4&spacing=tuned", "no tuned timesteps for sampler 'ddim'"),
         ("spacing=even", "'trailing' or 'tuned'"),
     ],
 )
