@@ -68,7 +68,7 @@ def main() -> None:
     print(f"x0 prediction, CUDA vs CPU, max abs difference over all levels: {worst:.2e}")
 
     # 3. Batch invariance on CUDA (informational): one request's rows alone vs inside a larger batch.
-    ts = timesteps(40, 40)
+    ts = timesteps(gpu_model.denoiser.num_timesteps, gpu_model.denoiser.num_timesteps)
     alone = initial_noise(1000, torch.Generator(device=cuda).manual_seed(1), cuda)
     others = torch.randn(7000, 2, device=cuda)
     with torch.inference_mode():

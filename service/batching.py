@@ -3,8 +3,8 @@ denoising step's network call, and are split apart afterwards.
 
 Batch-invariant by construction: every request keeps its own generator for its initial noise and for its
 rows of every step's noise (samplers.NoiseSources), and its rows start on a ROW_ALIGN boundary so the
-network computes them exactly as it would alone (see denoiser.ROW_ALIGN): a seed gives the same points,
-bit for bit on CPU, batched or alone.
+network computes them exactly as it would alone (see denoiser.ROW_ALIGN): on CPU a seed gives the same points,
+bit for bit, batched or alone (on a GPU its GEMMs are not batch-invariant: rows agree to ~3e-7).
 
 The first request of a batch leads: it waits up to max_wait_ms for company (or until max_batch_points is
 reached; not at all when it is the only request around), then runs the batch as one job through the compute

@@ -96,7 +96,8 @@ def tune(
     tuned, report = {}, {}
     z = None
     if real is not None:
-        z = torch.randn((len(real), 2), generator=torch.Generator(device=denoiser.device).manual_seed(seed + 1))
+        g = torch.Generator(device=denoiser.device).manual_seed(seed + 1)
+        z = torch.randn((len(real), 2), generator=g, device=denoiser.device)
     for sampler, step_counts in plan.items():
         fn = SAMPLERS[sampler].fn
 
