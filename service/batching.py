@@ -71,7 +71,7 @@ def run_batch(model: LoadedModel, plans: list[Plan], job: Job) -> list[np.ndarra
             blocks.append(torch.zeros(pad, 2, device=device))
             sources.append((None, pad))
     first = plans[0]
-    out = first.spec.fn(model.denoiser, torch.cat(blocks), list(first.timesteps), sources, job.check, **first.params)
+    out = first.spec.fn(model.denoiser, torch.cat(blocks), first.timesteps, sources, job.check, **first.params)
     out = out.cpu().numpy()
     return [out[start : start + p.n] for start, p in zip(starts, plans, strict=True)]
 

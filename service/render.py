@@ -7,6 +7,7 @@ figure redraw.
 
 import os
 import tempfile
+from collections.abc import Sequence
 from functools import lru_cache
 
 import av
@@ -74,13 +75,13 @@ def caption(frame: np.ndarray, text: str) -> np.ndarray:
     return np.asarray(img)
 
 
-def frame_captions(sampler: str, timesteps: list[int]) -> list[str]:
+def frame_captions(sampler: str, timesteps: Sequence[int]) -> list[str]:
     steps = len(timesteps)
     head = [f"{sampler}  ·  noise x_T"]
     return head + [f"{sampler}  ·  step {i + 1}/{steps}  ·  t={t}" for i, t in enumerate(timesteps)]
 
 
-def render_frames(frames: np.ndarray, sampler: str, timesteps: list[int], size: int) -> list[np.ndarray]:
+def render_frames(frames: np.ndarray, sampler: str, timesteps: Sequence[int], size: int) -> list[np.ndarray]:
     size = even(size)
     texts = frame_captions(sampler, timesteps)
     return [caption(draw_points(f, size), text) for f, text in zip(frames, texts, strict=True)]
@@ -109,7 +110,7 @@ def encode_mp4(images: list[np.ndarray], fps: int, hold_frames: int) -> bytes:
         os.unlink(path)
 
 
-def animation_mp4(frames: np.ndarray, sampler: str, timesteps: list[int], size: int, fps: int) -> bytes:
+def animation_mp4(frames: np.ndarray, sampler: str, timesteps: Sequence[int], size: int, fps: int) -> bytes:
     """frames: [steps + 1, n, 2] trajectory; one video frame each, then a hold on the final samples."""
     hold = max(1, round(HOLD_SECONDS * fps))
     return encode_mp4(render_frames(frames, sampler, timesteps, size), fps, hold)

@@ -89,7 +89,7 @@ async def trajectory(
         **p.describe(),
         "model": model.id,
         "elapsed_ms": round(result.timing.compute_s * 1000, 2),
-        "timesteps": result.timesteps,
+        "timesteps": p.timesteps,
         "frames": compact(result.frames),
     }
     if params.include_x0:

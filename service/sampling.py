@@ -54,7 +54,6 @@ class Plan:
 @dataclass(frozen=True)
 class Result:
     points: np.ndarray  # [n, 2] float32
-    timesteps: list[int]
     frames: np.ndarray | None  # [steps + 1, n, 2]: x_T, then the state after every step
     x0: np.ndarray | None  # [steps, n, 2]
     timing: Timing
@@ -85,7 +84,7 @@ def run_plan(model: LoadedModel, p: Plan, job: Job, record: bool = False, record
         if record_x0:
             x0s.append(step.x0)
 
-    out = p.spec.fn(model.denoiser, x, list(p.timesteps), generator, callback, **p.params)
+    out = p.spec.fn(model.denoiser, x, p.timesteps, generator, callback, **p.params)
     # One device->host copy per array, after all steps: no per-step synchronization.
     stacked = torch.stack(frames).cpu().numpy() if record else None
     return out.cpu().numpy(), stacked, (torch.stack(x0s).cpu().numpy() if record_x0 else None)
@@ -109,7 +108,7 @@ async def sample_points(
             (points, frames, x0), timing = await gate.run(
                 lambda job: run_plan(model, p, job, record, record_x0), is_disconnected
             )
-    return Result(points, list(p.timesteps), frames, x0, timing)
+    return Result(points, frames, x0, timing)
 
 
 async def render_animation(
@@ -120,7 +119,7 @@ async def render_animation(
     def work(job: Job) -> bytes:
         _, frames, _ = run_plan(model, p, job, record=True)
         job.check()
-        return animation_mp4(frames, p.spec.name, list(p.timesteps), size, fps)
+        return animation_mp4(frames, p.spec.name, p.timesteps, size, fps)
 
     with gate.reserve_points(p.n):
         return await gate.run(work, is_disconnected)

@@ -25,8 +25,6 @@ TUNE_STEPS = {"dpmpp_2m": (5, 10)}
 # The distance is a proxy with many local minima of nearly equal depth, whose sample quality differs more than
 # their distances do (measured: sliced W2 0.0147 to 0.0159 at 10 steps). So every distinct local minimum is kept,
 # and a score picks among them: training uses sliced W2 against fresh real data.
-# Noise and data seeds of their own: the benchmarks sample x_T with seeds 0, 1, 2, and a schedule scored on the very
-# x_T a benchmark later uses would be measured optimistically.
 Score = Callable[[list[int]], float]
 
 
@@ -92,23 +90,19 @@ def tune(
     denoiser: Denoiser, real: np.ndarray | None = None, seed: int = 54_321, restarts: int = 10, plan=TUNE_STEPS
 ) -> tuple[dict, dict]:
     """(metadata["tuned_timesteps"], metadata["timestep_search"]) for every sampler and step count in `plan`.
-    With `real` (fresh data points, normalized), local minima are scored by sliced W2 against it."""
+    With `real` (fresh data points, normalized), local minima are scored by sliced W2 against it.
+    Give it noise and data seeds of its own: a schedule scored on the very x_T a benchmark later samples (the
+    benchmarks use seeds 0, 1, 2, ...) would be measured optimistically."""
     tuned, report = {}, {}
-    z = None
     if real is not None:
         g = torch.Generator(device=denoiser.device).manual_seed(seed + 1)
         z = torch.randn((len(real), 2), generator=g, device=denoiser.device)
     for sampler, step_counts in plan.items():
         fn = SAMPLERS[sampler].fn
-
-        def score(ts: list[int], fn=fn) -> float:
-            return sliced_w2(real, fn(denoiser, z, ts, None).cpu().numpy())
-
+        score = None if real is None else (lambda ts, fn=fn: sliced_w2(real, fn(denoiser, z, ts, None).cpu().numpy()))
         for steps in step_counts:
             if steps <= denoiser.num_timesteps:
-                r = search_timesteps(
-                    denoiser, sampler, steps, score if real is not None else None, seed=seed, restarts=restarts
-                )
+                r = search_timesteps(denoiser, sampler, steps, score, seed=seed, restarts=restarts)
                 tuned.setdefault(sampler, {})[str(steps)] = r.timesteps
                 report.setdefault(sampler, {})[str(steps)] = {
                     k: round(v, 6) for k, v in vars(r).items() if k != "timesteps" and v is not None
