@@ -20,8 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.checkpoint import load_model  # noqa: E402
+from service.cuda_fast_path import CudaFastPath  # noqa: E402
 from service.denoiser import FORWARD_CHUNK, Denoiser  # noqa: E402
-from service.samplers import initial_noise, sample, timesteps  # noqa: E402
+from service.graph_cache import GraphCache  # noqa: E402
+from service.samplers import get_sampler, initial_noise, sample, timesteps  # noqa: E402
 from training.evaluate import fresh_real  # noqa: E402
 from training.metrics import sliced_w2  # noqa: E402
 
@@ -96,9 +98,48 @@ def main() -> None:
                 f"CUDA in-process {name:9s} n={size:>9,}: {fast:8.1f} ms one call per step, "
                 f"{chunked:8.1f} ms padded + {FORWARD_CHUNK}-row chunks ({chunked / fast:.1f}x)"
             )
+    failures += check_fast_paths(gpu_model)
     if failures:
         sys.exit(f"cuda_check FAILED: {', '.join(failures)}")
     print("cuda_check passed")
+
+
+def check_fast_paths(model) -> list[str]:
+    """5. The graph and fused paths: capture, replay, same seed same points (as eager, alone or batched),
+    and a model reload dropping its graphs."""
+    failures = []
+    spec, ts = get_sampler("ddpm"), timesteps(model.denoiser.num_timesteps, model.denoiser.num_timesteps)
+
+    def gen(seed):
+        return torch.Generator(device="cuda").manual_seed(seed)
+
+    # The reference: the eager sampler (per-step launches) over the same one-block noise as the fast paths.
+    eager = CudaFastPath(model.id, model.denoiser, None, "fp32", "eager").sample(spec, ts, {}, [(gen(7), 5000)])
+    for kernel in ("graph", "fused"):
+        graphs = GraphCache(1 << 30, 1 << 20)
+        fast = CudaFastPath(model.id, model.denoiser, graphs, "fp32", kernel)
+        t0 = time.perf_counter()
+        first = fast.sample(spec, ts, {}, [(gen(7), 5000)])
+        first_ms = (time.perf_counter() - t0) * 1000
+        again = fast.sample(spec, ts, {}, [(gen(7), 5000)])
+        batched = fast.sample(spec, ts, {}, [(gen(3), 3000), (None, 8), (gen(7), 5000)])
+        vs_eager = (first - eager).abs().max().item()
+        vs_batched = (batched[3008:] - first).abs().max().item()
+        ok = first is not None and torch.equal(first, again) and vs_eager < 1e-3 and vs_batched < 1e-3
+        print(
+            f"{kernel} path: first call {first_ms:.0f} ms (capture/compile), replay identical: "
+            f"{torch.equal(first, again)}, max abs diff vs eager {vs_eager:.1e}, batched vs alone {vs_batched:.1e}, "
+            f"graphs {graphs.stats()} {'ok' if ok else 'BAD'}"
+        )
+        failures += [] if ok else [f"{kernel}-path"]
+    graphs = GraphCache(1 << 30, 1 << 20)
+    fast = CudaFastPath(model.id, model.denoiser, graphs, "fp32", "graph")
+    fast.sample(spec, ts, {}, [(gen(1), 1000)])
+    dropped = graphs.invalidate(model.id)
+    fast.sample(spec, ts, {}, [(gen(1), 1000)])
+    ok = dropped == 1 and graphs.captures == 2
+    print(f"reload: invalidate dropped {dropped} graph(s), next call captured anew: {graphs.captures == 2}")
+    return failures + ([] if ok else ["graph-invalidation"])
 
 
 if __name__ == "__main__":

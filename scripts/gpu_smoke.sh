@@ -84,6 +84,14 @@ elif cmd == "animation":  # URL OUT: 200 (mp4) or 404 (not implemented yet) are 
         print(f"/animation: 200, {ctype}, {len(body)} bytes, {ms:.0f} ms")
     else:
         sys.exit(f"/animation: HTTP {status}: {body[:300]!r}")
+elif cmd == "compare":  # URL_A URL_B TOL: the same request's npy points agree within TOL
+    import io
+    import numpy as np
+    a, b = (np.load(io.BytesIO(get(u)[2])) for u in args[:2])
+    diff = float(np.abs(a - b).max())
+    print(f"same seed, two servers: {a.shape} points, max abs difference {diff:.1e}")
+    if not diff < float(args[2]):
+        sys.exit(f"points differ by {diff} (tolerance {args[2]})")
 elif cmd == "bench":  # REPEATS N1,N2 NAME=BASE...: median wall / server compute ms per (n, server)
     repeats, ns, servers = int(args[0]), [int(n) for n in args[1].split(",")], [a.split("=", 1) for a in args[2:]]
     rows = []
@@ -108,8 +116,9 @@ PY
 
 free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-start_server() {  # NAME DEVICE PORT
+start_server() {  # NAME DEVICE PORT [CUDA_KERNEL]
     SWISSROLL_DEVICE=$2 SWISSROLL_PORT=$3 SWISSROLL_HOST=127.0.0.1 SWISSROLL_LOG_LEVEL=warning \
+        SWISSROLL_CUDA_KERNEL=${4:-auto} \
         "$PYTHON" -m service > "$WORK/$1.log" 2>&1 &
     PIDS+=($!)
 }
@@ -130,17 +139,22 @@ for module in ("sklearn", "tqdm", "matplotlib"):
 PY
 if [ "$REQUIRE_CUDA" = "0" ]; then TRAIN_DEVICE=auto; else TRAIN_DEVICE=cuda; fi
 
-step "start the service twice: SWISSROLL_DEVICE=auto and SWISSROLL_DEVICE=cpu"
+step "start the service three times: SWISSROLL_DEVICE=auto, the same with SWISSROLL_CUDA_KERNEL=eager, and cpu"
 AUTO_PORT=$(free_port)
 start_server auto auto "$AUTO_PORT"
 CPU_PORT=$(free_port)
 while [ "$CPU_PORT" = "$AUTO_PORT" ]; do CPU_PORT=$(free_port); done
 start_server cpu cpu "$CPU_PORT"
+EAGER_PORT=$(free_port)
+while [ "$EAGER_PORT" = "$AUTO_PORT" ] || [ "$EAGER_PORT" = "$CPU_PORT" ]; do EAGER_PORT=$(free_port); done
+start_server eager auto "$EAGER_PORT" eager
 AUTO=http://127.0.0.1:$AUTO_PORT
 CPU=http://127.0.0.1:$CPU_PORT
+EAGER=http://127.0.0.1:$EAGER_PORT
 "$PYTHON" "$WORK/smoke.py" wait "$AUTO/readyz" "$READY_TIMEOUT_S"
 "$PYTHON" "$WORK/smoke.py" wait "$CPU/readyz" "$READY_TIMEOUT_S"
-echo "ready: auto on port $AUTO_PORT, cpu on port $CPU_PORT"
+"$PYTHON" "$WORK/smoke.py" wait "$EAGER/readyz" "$READY_TIMEOUT_S"
+echo "ready: auto on port $AUTO_PORT, cpu on port $CPU_PORT, eager on port $EAGER_PORT"
 
 step "/model of the auto server"
 MODEL_DEVICE=$("$PYTHON" "$WORK/smoke.py" json "$AUTO/model" | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["device"])')
@@ -151,14 +165,22 @@ case "$MODEL_DEVICE" in
        echo "(not cuda; tolerated because SMOKE_REQUIRE_CUDA=0)" ;;
 esac
 
+"$PYTHON" "$WORK/smoke.py" json "$AUTO/model" | "$PYTHON" -c 'import json, sys; print("fast path:", json.load(sys.stdin)["cuda_fast_path"])'
+
 step "/sample?n=10000&sampler=ddpm"
 "$PYTHON" "$WORK/smoke.py" sample "$AUTO/sample?n=10000&sampler=ddpm" 10000
+
+step "same seed through the fast path and the eager path (and once more: replays are deterministic)"
+for q in "sampler=ddpm&n=10000" "sampler=dpmpp_2m&n=5000" "sampler=ddim&eta=0.5&steps=20&n=3000"; do
+    "$PYTHON" "$WORK/smoke.py" compare "$AUTO/sample?$q&seed=11&format=npy" "$EAGER/sample?$q&seed=11&format=npy" 1e-3
+    "$PYTHON" "$WORK/smoke.py" compare "$AUTO/sample?$q&seed=11&format=npy" "$AUTO/sample?$q&seed=11&format=npy" 1e-30
+done
 
 step "/animation"
 "$PYTHON" "$WORK/smoke.py" animation "$AUTO/animation?n=2000&sampler=ddpm&seed=0" "$WORK/animation.mp4"
 
 step "/sample latency: CPU server vs $MODEL_DEVICE server"
-"$PYTHON" "$WORK/smoke.py" bench "$REPEATS" 10000,100000 "cpu=$CPU" "$MODEL_DEVICE=$AUTO"
+"$PYTHON" "$WORK/smoke.py" bench "$REPEATS" 10000,100000 "cpu=$CPU" "$MODEL_DEVICE-eager=$EAGER" "$MODEL_DEVICE=$AUTO"
 
 step "retrain 1 epoch on $TRAIN_DEVICE"
 TRAIN_ARGS=(--device "$TRAIN_DEVICE" --epochs 1 --no-progress --out "$WORK/retrained.pt")

@@ -1,5 +1,6 @@
 """The app factory: settings in, FastAPI app out. The model is loaded once, in the lifespan."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,9 @@ from fastapi.staticfiles import StaticFiles
 from service.batching import Batcher
 from service.checkpoint import LoadedModel, load_model, resolve_device
 from service.compute import Cancelled, ComputeGate, DeadlineExceeded, Job, Overloaded
+from service.cuda_fast_path import CudaFastPath
 from service.encoding import json_response
+from service.graph_cache import GraphCache
 from service.metrics import Metrics
 from service.routes import router
 from service.samplers import SAMPLERS, SamplerError
@@ -39,6 +42,18 @@ def _warm_up(model: LoadedModel) -> None:
         run_plan(model, p, Job(float("inf"), threading.Event()), record=True)
 
 
+def _with_fast_path(app: FastAPI, model: LoadedModel, settings: Settings) -> LoadedModel:
+    """The CUDA fast path for this model (graphs are keyed by model id, so a reloaded model never replays
+    another's graphs; `graphs.invalidate(id)` frees them)."""
+    if getattr(app.state, "graphs", None) is None:
+        budget = settings.cuda_graph_mb << 20
+        app.state.graphs = GraphCache(budget, settings.cuda_graph_max_rows, on_evict=torch.cuda.empty_cache)
+    if settings.cuda_precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True  # process-wide: every CUDA matmul of this service
+    fast = CudaFastPath(model.id, model.denoiser, app.state.graphs, settings.cuda_precision, settings.cuda_kernel)
+    return dataclasses.replace(model, fast_path=fast)
+
+
 def create_app(settings: Settings | None = None, model: LoadedModel | None = None) -> FastAPI:
     """`model`: an already loaded checkpoint; otherwise the lifespan loads settings.checkpoint."""
     settings = settings or Settings()
@@ -50,10 +65,14 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
             app.state.model, _ = await gate.run(
                 lambda _job: load_model(settings.checkpoint, resolve_device(settings.device))
             )
+        if app.state.model.device.type == "cuda":
+            app.state.model, _ = await gate.run(lambda _job: _with_fast_path(app, app.state.model, settings))
         if settings.warmup:
             await gate.run(lambda _job: _warm_up(app.state.model))
         app.state.ready = True
         model_info = {"model": app.state.model.id[:12], "device": str(app.state.model.device), "threads": threads}
+        if app.state.model.fast_path is not None:
+            model_info["cuda"] = app.state.model.fast_path.describe()
         log.info(json.dumps({"event": "ready", **model_info}))
         yield
         app.state.ready = False

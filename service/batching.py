@@ -60,18 +60,21 @@ class _Batch:
 def run_batch(model: LoadedModel, plans: list[Plan], job: Job) -> list[np.ndarray]:
     """One sampler run over all plans' rows; each plan's block starts on a ROW_ALIGN boundary."""
     device = model.device
-    blocks, sources, starts = [], [], []
+    sources, starts, rows = [], [], 0
     for p in plans:
-        generator = torch.Generator(device=device).manual_seed(p.seed)
-        starts.append(sum(rows for _, rows in sources))
-        blocks.append(initial_noise(p.n, generator, device))
-        sources.append((generator, p.n))
+        starts.append(rows)
+        sources.append((torch.Generator(device=device).manual_seed(p.seed), p.n))
         pad = -p.n % ROW_ALIGN
         if pad:
-            blocks.append(torch.zeros(pad, 2, device=device))
             sources.append((None, pad))
+        rows += p.n + pad
     first = plans[0]
-    out = first.spec.fn(model.denoiser, torch.cat(blocks), first.timesteps, sources, job.check, **first.params)
+    if model.fast_path is not None:
+        out = model.fast_path.sample(first.spec, first.timesteps, first.params, sources)
+    else:
+        # Each generator's first draw is its request's x_T, exactly as when the request runs alone.
+        x = initial_noise(rows, sources, device)
+        out = first.spec.fn(model.denoiser, x, first.timesteps, sources, job.check, **first.params)
     out = out.cpu().numpy()
     return [out[start : start + p.n] for start, p in zip(starts, plans, strict=True)]
 

@@ -7,6 +7,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,6 +32,7 @@ class LoadedModel:
     id: str  # sha256 of the file: names the exact weights in responses, ETags and logs
     path: Path
     device: torch.device
+    fast_path: Any = None  # cuda_fast_path.CudaFastPath on CUDA (set by the app at start-up), else None
 
 
 @contextmanager

@@ -175,6 +175,7 @@ async def model_info(model: Model) -> dict:
         "device": str(model.device),
         "num_timesteps": model.denoiser.num_timesteps,
         "prediction_type": model.denoiser.prediction_type,
+        "cuda_fast_path": model.fast_path.describe() if model.fast_path is not None else None,
         "metadata": model.metadata,
     }
 

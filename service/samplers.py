@@ -5,9 +5,9 @@ Every sampler has the signature
 where x is the initial noise x_T; `ts` lists the training levels to evaluate, noisiest first, one network
 evaluation each (as k-diffusion's samplers take a list of sigmas: trailing spacing from `timesteps`, or a
 schedule the checkpoint carries, see `resolve_timesteps`); `generator` is the request's own torch.Generator
-(or a NoiseSources list for batched requests); and `callback`, if given, receives a Step after every update.
-Per-step coefficients are Python floats computed from the float64 schedule, so no step synchronizes with the
-device.
+(or a NoiseSources list for batched requests, or a callable `noise(like)`); and `callback`, if given,
+receives a Step after every update. Per-step coefficients are Python floats computed from the float64
+schedule, so no step synchronizes with the device.
 """
 
 import math
@@ -33,9 +33,11 @@ Callback = Callable[[Step], None]
 NoiseSources = Sequence[tuple[torch.Generator | None, int]]
 
 
-def randn(like: torch.Tensor, generator: torch.Generator | NoiseSources) -> torch.Tensor:
+def randn(like: torch.Tensor, generator: torch.Generator | NoiseSources | Callable) -> torch.Tensor:
     if isinstance(generator, torch.Generator):
         return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    if callable(generator):  # a noise source of its own, e.g. a captured graph's static buffer (cuda_fast_path)
+        return generator(like)
     shape = like.shape[1:]
     return torch.cat(
         [

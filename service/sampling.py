@@ -73,7 +73,13 @@ def run_plan(model: LoadedModel, p: Plan, job: Job, record: bool = False, record
     """The work done in a compute thread. Returns (points, frames, x0s) as numpy arrays."""
     device = model.device
     generator = torch.Generator(device=device).manual_seed(p.seed)
-    x = initial_noise(p.n, generator, device)
+    if model.fast_path is not None:  # CUDA: one noise draw per request, shared by all its paths (cuda_fast_path.py)
+        if not (record or record_x0):
+            job.check()
+            return model.fast_path.sample(p.spec, p.timesteps, p.params, [(generator, p.n)]).cpu().numpy(), None, None
+        x, noise, denoiser = model.fast_path.initial_state(p.spec, p.timesteps, p.params, [(generator, p.n)])
+    else:
+        x, noise, denoiser = initial_noise(p.n, generator, device), generator, model.denoiser
     frames: list[torch.Tensor] = [x] if record else []
     x0s: list[torch.Tensor] = []
 
@@ -84,7 +90,7 @@ def run_plan(model: LoadedModel, p: Plan, job: Job, record: bool = False, record
         if record_x0:
             x0s.append(step.x0)
 
-    out = p.spec.fn(model.denoiser, x, p.timesteps, generator, callback, **p.params)
+    out = p.spec.fn(denoiser, x, p.timesteps, noise, callback, **p.params)
     # One device->host copy per array, after all steps: no per-step synchronization.
     stacked = torch.stack(frames).cpu().numpy() if record else None
     return out.cpu().numpy(), stacked, (torch.stack(x0s).cpu().numpy() if record_x0 else None)

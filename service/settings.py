@@ -32,6 +32,15 @@ class Settings(BaseSettings):
     drain_s: float = Field(20.0, ge=0, le=600, description="graceful-shutdown time for in-flight requests")
     animation_cache_mb: int = Field(64, ge=0, le=4096)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
+    # CUDA only (ignored on CPU): see service/cuda_fast_path.py and bench/results/gpu.md.
+    cuda_kernel: str = Field(
+        "auto", pattern=r"^(auto|fused|graph|eager)$", description="auto: fused Triton kernel when possible, else graph"
+    )
+    cuda_precision: str = Field("fp32", pattern=r"^(fp32|tf32|bf16)$", description="network precision on CUDA")
+    cuda_graph_mb: int = Field(2048, ge=0, le=1 << 20, description="device memory for captured CUDA graphs")
+    cuda_graph_max_rows: int = Field(
+        1 << 20, ge=1, le=1 << 26, description="largest run (rows, padded to a bucket) captured as a graph"
+    )
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
     warmup: bool = True
 
