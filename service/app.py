@@ -40,6 +40,11 @@ def _warm_up(model: LoadedModel) -> None:
     for name in SAMPLERS:
         p = plan(model, SampleParams(n=64, sampler=name, seed=0))
         run_plan(model, p, Job(float("inf"), threading.Event()), record=True)
+        if model.fast_path is not None:
+            # Compile the fused kernel's tile sizes (triton_chain.block_rows) or capture the common graphs now,
+            # not in the first requests.
+            for n in (64, 20_000, 100_000):
+                model.fast_path.sample(p.spec, p.timesteps, p.params, [(torch.Generator(model.device), n)])
 
 
 def _with_fast_path(app: FastAPI, model: LoadedModel, settings: Settings) -> LoadedModel:
