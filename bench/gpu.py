@@ -245,7 +245,7 @@ def main() -> None:
     import triton
 
     sizes = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000, 1_000_000]
-    reps = 5 if args.quick else 20
+    reps = 5 if args.quick else 10
     model = load_model(REPO / "checkpoints" / "swissroll.pt", torch.device("cuda"))
     r = {
         "device": torch.cuda.get_device_name(0),
