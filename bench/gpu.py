@@ -85,7 +85,7 @@ class Runner:
         torch.backends.cuda.matmul.allow_tf32 = False  # a previous path's setting must not leak into this one
         self.graphs = GraphCache(8 << 30, 1 << 21)
         self.fast = (
-            None if kernel == "eager" else CudaFastPath(model.id, model.denoiser, self.graphs, precision, kernel)
+            None if kernel == "before" else CudaFastPath(model.id, model.denoiser, self.graphs, precision, kernel)
         )
         self.tf32 = precision == "tf32"
 

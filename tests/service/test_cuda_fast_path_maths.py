@@ -6,10 +6,12 @@ import os
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from service.checkpoint import load_model
 from service.cuda_fast_path import CudaFastPath, NoiseTape, TorchNet, draw_noise
 from service.samplers import SAMPLERS, initial_noise, timesteps
+from service.settings import Settings
 from service.step_coefficients import coefficient_table, noise_draws, run_reference
 from service.triton_chain import FoldedWeights, available
 
@@ -165,3 +167,20 @@ def test_triton_kernel_in_the_interpreter(model, monkeypatch):
         as_i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
         got = launch(weights, x, noise, as_i32(ts), as_i32(slots), torch.tensor(table), "fp32")
         assert (got - eager(model, name, ts, params, 3, 70)).abs().max().item() < 2e-4, name
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("cuda_kernel", "cudnn"), ("cuda_precision", "fp16"), ("cuda_graph_mb", -1)]
+)
+def test_cuda_settings_are_validated(name, value):
+    with pytest.raises(ValidationError, match=name):
+        Settings(**{name: value})
+
+
+def test_fused_kernel_refuses_what_it_cannot_compute(model):
+    import dataclasses
+
+    other = dataclasses.replace(model.denoiser, net=torch.jit.script(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="kernel=fused needs"):
+        CudaFastPath(model.id, other, None, "fp32", "fused")
+    assert CudaFastPath(model.id, other, None, "fp32", "auto").kernel == "eager"  # no graph cache given
