@@ -23,6 +23,7 @@ serve: $(VENV)/.runtime
 	$(VENV)/bin/swissroll-serve
 
 test: $(VENV)/.dev
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.dev

@@ -15,12 +15,12 @@ import httpx
 import matplotlib
 import torch
 
-from service.checkpoint import load_model
+from bench.live_server import LiveServer
+from diffusion.checkpoint import load_model
+from diffusion.samplers import SAMPLERS, timesteps
 from service.compute import Job
 from service.render import animation_mp4
-from service.samplers import SAMPLERS, timesteps
 from service.sampling import Plan, run_plan
-from tests.service.live_server import LiveServer
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.checkpoint import load_model
+from diffusion.checkpoint import load_model
+from diffusion.samplers import get_sampler, resolve_timesteps
 from service.cuda_fast_path import CudaFastPath
 from service.graph_cache import GraphCache
-from service.samplers import get_sampler, resolve_timesteps
 from training.evaluate import fresh_real
 from training.metrics import sliced_w2
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.service.live_server import LiveServer
+from bench.live_server import LiveServer
 
 RESULTS = Path(__file__).parent / "results"
 CLIENTS = (1, 4, 16, 64)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.checkpoint import load_model
-from service.samplers import sample
+from diffusion.checkpoint import load_model
+from diffusion.samplers import sample
 from training.evaluate import fresh_real
 from training.metrics import sliced_w2
 from training.model import PRESETS, NetConfig, flops_per_sample

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.checkpoint import load_model
-from service.samplers import SAMPLERS, resolve_timesteps, sample
+from diffusion.checkpoint import load_model
+from diffusion.samplers import SAMPLERS, resolve_timesteps, sample
 from training.evaluate import fresh_real
 from training.metrics import all_metrics, sliced_w2
 from training.train import TrainConfig, train

@@ -8,8 +8,8 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from service.checkpoint import load_model
-from service.samplers import SAMPLERS, sample
+from diffusion.checkpoint import load_model
+from diffusion.samplers import SAMPLERS, sample
 from training.evaluate import fresh_real
 
 matplotlib.use("Agg")

@@ -18,10 +18,10 @@ import httpx
 import orjson
 import torch
 
+from bench.live_server import LiveServer
+from diffusion.checkpoint import load_model
+from diffusion.samplers import SAMPLERS, sample
 from service.__main__ import tune_allocator
-from service.checkpoint import load_model
-from service.samplers import SAMPLERS, sample
-from tests.service.live_server import LiveServer
 
 RESULTS = Path(__file__).parent / "results"
 CHECKPOINT = "checkpoints/swissroll.pt"
@@ -104,7 +104,7 @@ def allocator_probe() -> dict:
     code = (
         "import sys, json, time, torch; from service.__main__ import tune_allocator\n"
         "if sys.argv[1] == 'tuned': tune_allocator()\n"
-        "from service.checkpoint import load_model; from service.samplers import sample\n"
+        "from diffusion.checkpoint import load_model; from diffusion.samplers import sample\n"
         f"m = load_model('{CHECKPOINT}', torch.device('cpu')); ts = []\n"
         "for i in range(14):\n"
         "    t0 = time.perf_counter(); sample(m.denoiser, 'ddpm', 10000, torch.Generator().manual_seed(i)); "

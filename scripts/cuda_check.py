@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from service.checkpoint import load_model  # noqa: E402
+from diffusion.checkpoint import load_model  # noqa: E402
+from diffusion.denoiser import FORWARD_CHUNK, Denoiser  # noqa: E402
+from diffusion.samplers import get_sampler, initial_noise, sample, timesteps  # noqa: E402
 from service.cuda_fast_path import CudaFastPath  # noqa: E402
-from service.denoiser import FORWARD_CHUNK, Denoiser  # noqa: E402
 from service.graph_cache import GraphCache  # noqa: E402
-from service.samplers import get_sampler, initial_noise, sample, timesteps  # noqa: E402
 from training.evaluate import fresh_real  # noqa: E402
 from training.metrics import sliced_w2  # noqa: E402
 

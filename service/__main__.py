@@ -9,8 +9,8 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
+from diffusion.checkpoint import CheckpointError, load_model, resolve_device
 from service.app import create_app
-from service.checkpoint import CheckpointError, load_model, resolve_device
 from service.settings import Settings
 
 # glibc mallopt parameters (malloc.h).

@@ -17,15 +17,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
+from diffusion.checkpoint import LoadedModel, load_model, resolve_device
+from diffusion.samplers import SAMPLERS, SamplerError
 from service.batching import Batcher
-from service.checkpoint import LoadedModel, load_model, resolve_device
 from service.compute import Cancelled, ComputeGate, DeadlineExceeded, Job, Overloaded
 from service.cuda_fast_path import CudaFastPath
 from service.encoding import json_response
 from service.graph_cache import GraphCache
 from service.metrics import Metrics
 from service.routes import router
-from service.samplers import SAMPLERS, SamplerError
 from service.sampling import plan, run_plan
 from service.schemas import SampleParams, allowed_values
 from service.settings import Settings

@@ -18,11 +18,11 @@ import anyio
 import numpy as np
 import torch
 
-from service.checkpoint import LoadedModel
+from diffusion.checkpoint import LoadedModel
+from diffusion.denoiser import ROW_ALIGN
+from diffusion.samplers import initial_noise
 from service.compute import ComputeGate, Job, Timing
-from service.denoiser import ROW_ALIGN
 from service.metrics import Metrics
-from service.samplers import initial_noise
 from service.sampling import Plan
 
 

@@ -26,8 +26,9 @@ from collections.abc import Sequence
 
 import torch
 
-from service import step_coefficients, triton_chain
-from service.denoiser import Denoiser
+from diffusion import step_coefficients
+from diffusion.denoiser import Denoiser
+from service import triton_chain
 from service.graph_cache import GraphCache
 from service.triton_chain import FoldedWeights
 

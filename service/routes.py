@@ -6,14 +6,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from diffusion.checkpoint import LoadedModel
+from diffusion.samplers import SAMPLERS
 from service.auth import require_api_key
 from service.byte_ranges import not_modified, ranged_response
-from service.checkpoint import LoadedModel
 from service.compute import ComputeGate, Timing
 from service.encoding import compact, json_response, npy_response
 from service.metrics import Metrics
 from service.render import even
-from service.samplers import SAMPLERS
 from service.sampling import plan, render_animation, sample_points
 from service.schemas import AnimationParams, SampleParams, TrajectoryParams
 from service.video_cache import VideoCache

@@ -7,10 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from service.checkpoint import LoadedModel
-from service.compute import ComputeGate, Job, Timing
-from service.render import animation_mp4
-from service.samplers import (
+from diffusion.checkpoint import LoadedModel
+from diffusion.samplers import (
     SamplerSpec,
     Step,
     get_sampler,
@@ -19,6 +17,8 @@ from service.samplers import (
     resolve_steps,
     resolve_timesteps,
 )
+from service.compute import ComputeGate, Job, Timing
+from service.render import animation_mp4
 from service.schemas import SamplingParams
 
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.samplers import SAMPLERS, SPACINGS
+from diffusion.samplers import SAMPLERS, SPACINGS
 
 SamplerName = StrEnum("SamplerName", {name: name for name in SAMPLERS})
 

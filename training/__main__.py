@@ -4,8 +4,8 @@ import argparse
 import sys
 from dataclasses import fields
 
+from diffusion.schedules import SCHEDULES
 from training.model import PRESETS
-from training.schedules import SCHEDULES
 from training.train import TrainConfig, train
 
 HELP = {
@@ -23,6 +23,8 @@ HELP = {
     "data_seed": "seed of the data set",
     "seed": "seed of initialization, batching and noise (runs on CPU are deterministic given it)",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
+    "tune_restarts": "random starts of the timestep-schedule search after training (its cost is linear in them)",
+    "tune_points": "fresh real points scoring the searched schedules",
     "out": "checkpoint path (written atomically); the loss curve goes next to it as .loss.png",
 }
 

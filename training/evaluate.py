@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from service.denoiser import Denoiser
-from service.samplers import SAMPLERS, sample
+from diffusion.denoiser import Denoiser
+from diffusion.samplers import SAMPLERS, sample
 from training.data import raw_swiss_roll
 from training.metrics import sliced_w2
 

@@ -1,18 +1,13 @@
-"""Writes the checkpoint: a TorchScript module carrying its noise schedule, plus metadata.json."""
+"""Exports a trained network: its inference form (folded time features, in-place activations), written in the
+checkpoint format of diffusion/checkpoint.py."""
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from service.checkpoint import quiet_jit
+from diffusion.checkpoint import save_checkpoint
 from training.model import Block, DenoiserMLP
-
-FORMAT_VERSION = 1
-METADATA_FILE = "metadata.json"
 
 
 class InferenceBlock(nn.Module):
@@ -49,48 +44,9 @@ class FoldedDenoiser(nn.Module):
         return self.out(self.blocks(torch.addmm(self.level_bias[t], x, self.w_x)))
 
 
-class Checkpoint(nn.Module):
-    """The file's contract: forward(x [B, 2] f32, t [B] i64) -> [B, 2] f32 and a float64 `alphas_cumprod` [T]."""
-
-    def __init__(self, net: nn.Module, alphas_cumprod: torch.Tensor):
-        super().__init__()
-        self.net = net
-        self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64))
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x, t)
-
-
-def save_checkpoint(net: nn.Module, alphas_cumprod: torch.Tensor, metadata: dict, path: str | Path) -> Path:
-    """Script and write atomically: the target is either the old file or the complete new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def export_checkpoint(net: nn.Module, alphas_cumprod: torch.Tensor, metadata: dict, path: str | Path) -> Path:
+    """A trained DenoiserMLP is written in its folded inference form; any other module as it is."""
     net = net.to("cpu").eval()
     if isinstance(net, DenoiserMLP):
         net = FoldedDenoiser(net, len(alphas_cumprod))
-    module = Checkpoint(net, alphas_cumprod.cpu())
-    extra = {METADATA_FILE: json.dumps({"format_version": FORMAT_VERSION, **metadata}, indent=2)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with quiet_jit():
-                torch.jit.save(torch.jit.script(module), f, _extra_files=extra)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; a checkpoint is meant to be read by others (e.g. a container's service user).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: drop the partial temp file, leave the previous checkpoint untouched.
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_checkpoint(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
-    extra = {METADATA_FILE: ""}
-    with quiet_jit():
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return module, json.loads(extra[METADATA_FILE])
+    return save_checkpoint(net, alphas_cumprod, metadata, path)

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from diffusion.denoiser import PREDICTION_TYPES
+
 
 @dataclass(frozen=True)
 class NetConfig:
@@ -31,7 +33,6 @@ PRESETS: dict[str, NetConfig] = {
     # blocks, sinusoidal time features and v-prediction; chosen by bench/quality.py.
     "default": NetConfig(residual=True, time_embedding="sinusoidal", prediction_type="v"),
 }
-PREDICTION_TYPES = ("epsilon", "v")
 TIME_EMBEDDINGS = ("raw", "sinusoidal")
 
 

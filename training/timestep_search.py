@@ -16,10 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.denoiser import Denoiser
-from service.samplers import SAMPLERS, timesteps
+from diffusion.denoiser import Denoiser
+from diffusion.samplers import SAMPLERS, timesteps
 from training.metrics import sliced_w2
 
+# Noise and data seeds of the search's own: no benchmark or quality summary uses them (see tune()).
+TUNING_SEED = 54_321
 # Deterministic samplers worth tuning, and the step counts tuned at the end of training.
 TUNE_STEPS = {"dpmpp_2m": (5, 10)}
 # The distance is a proxy with many local minima of nearly equal depth, whose sample quality differs more than
@@ -87,7 +89,7 @@ def search_timesteps(
 
 
 def tune(
-    denoiser: Denoiser, real: np.ndarray | None = None, seed: int = 54_321, restarts: int = 10, plan=TUNE_STEPS
+    denoiser: Denoiser, real: np.ndarray | None = None, seed: int = TUNING_SEED, restarts: int = 10, plan=TUNE_STEPS
 ) -> tuple[dict, dict]:
     """(metadata["tuned_timesteps"], metadata["timestep_search"]) for every sampler and step count in `plan`.
     With `real` (fresh data points, normalized), local minima are scored by sliced W2 against it.

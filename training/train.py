@@ -11,17 +11,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from service.checkpoint import parse_tuned_timesteps, resolve_device
-from service.denoiser import Denoiser
-from training.data import load_swiss_roll
+from diffusion.checkpoint import parse_tuned_timesteps, resolve_device
+from diffusion.denoiser import Denoiser, prediction_target
+from diffusion.schedules import SCHEDULES, make_alphas_cumprod
+from training.data import SwissRoll, load_swiss_roll
 from training.evaluate import fresh_real, quality_summary
-from training.export import save_checkpoint
-from training.model import DenoiserMLP, flops_per_sample, get_preset
-from training.schedules import SCHEDULES, make_alphas_cumprod
-from training.timestep_search import tune
-
-# Fresh real points that score the tuned timestep schedules; a seed no benchmark or quality summary uses.
-TUNING_POINTS, TUNING_SEED = 50_000, 54_321
+from training.export import export_checkpoint
+from training.model import DenoiserMLP, NetConfig, flops_per_sample, get_preset
+from training.timestep_search import TUNING_SEED, tune
 
 
 @dataclass
@@ -42,7 +39,9 @@ class TrainConfig:
     device: str = "auto"
     out: str = "checkpoints/swissroll.pt"
     loss_curve: bool = True
-    evaluate: bool = True  # measure every sampler's quality and store it in the metadata
+    evaluate: bool = True  # tune the few-step schedules, measure every sampler, store both in the metadata
+    tune_restarts: int = 10  # the schedule search's random starts (its cost is linear in them)
+    tune_points: int = 50_000  # fresh real points scoring the schedules' local minima
     progress: bool = True
     notes: dict = field(default_factory=dict)
 
@@ -61,18 +60,13 @@ class TrainConfig:
             (self.n_samples >= 20, f"n_samples must be >= 20, got {self.n_samples}"),
             (self.data_noise >= 0, f"data_noise must be >= 0, got {self.data_noise}"),
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
+            (self.tune_restarts >= 0, f"tune_restarts must be >= 0, got {self.tune_restarts}"),
+            (self.tune_points >= 100, f"tune_points must be >= 100, got {self.tune_points}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         resolve_device(self.device)
-
-
-def diffusion_target(x0, eps, alpha_bar, prediction_type: str) -> torch.Tensor:
-    if prediction_type == "epsilon":
-        return eps
-    # v-prediction (Salimans & Ho 2022, eq. 9): v = alpha * eps - sigma * x0.
-    return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
 
 
 def diffusion_loss(net, x0, alphas_cumprod, prediction_type, generator) -> torch.Tensor:
@@ -81,7 +75,7 @@ def diffusion_loss(net, x0, alphas_cumprod, prediction_type, generator) -> torch
     alpha_bar = alphas_cumprod[t].unsqueeze(1)
     # Forward process q(x_t | x_0) = N(sqrt(alpha_bar) x_0, (1 - alpha_bar) I).
     x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
-    return nn.functional.mse_loss(net(x_t, t), diffusion_target(x0, eps, alpha_bar, prediction_type))
+    return nn.functional.mse_loss(net(x_t, t), prediction_target(x0, eps, alpha_bar, prediction_type))
 
 
 @torch.no_grad()
@@ -91,9 +85,34 @@ def validation_loss(net, val, alphas_cumprod, prediction_type, seed: int) -> flo
     return diffusion_loss(net, val, alphas_cumprod, prediction_type, generator).item()
 
 
+@dataclass
+class Fitted:
+    """What fit() produced: the network to export (the EMA copy if enabled) and how it got there."""
+
+    net: nn.Module
+    net_config: NetConfig
+    alphas_cumprod: torch.Tensor  # float64 [T]
+    data: SwissRoll
+    history: list[tuple[float, float]]  # (train, validation) loss per epoch
+    seconds: float
+    device: torch.device
+
+
 def train(config: TrainConfig) -> dict:
-    """Train, export the checkpoint to config.out, return the metadata it carries."""
+    """Fit, tune and measure (unless config.evaluate is off), export to config.out; return the metadata."""
     config.validate()
+    fitted = fit(config)
+    metadata = describe(config, fitted)
+    if config.evaluate:
+        metadata |= tune_and_measure(config, fitted)
+    out = export_checkpoint(fitted.net, fitted.alphas_cumprod, metadata, config.out)
+    if config.loss_curve:
+        write_loss_curve(fitted.history, out.with_suffix(".loss.png"), config.preset)
+    return metadata
+
+
+def fit(config: TrainConfig) -> Fitted:
+    """The training loop: Adam with a linear learning-rate decay, optional EMA of the weights."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -136,9 +155,13 @@ def train(config: TrainConfig) -> dict:
         val_loss = validation_loss(final_net, val_x, alphas_cumprod, net_config.prediction_type, config.seed + 1)
         history.append(((epoch_loss / batches_per_epoch).item(), val_loss))
         bar.set_postfix(loss=f"{history[-1][0]:.4f}", val_loss=f"{val_loss:.4f}")
-    seconds = time.perf_counter() - start
+    return Fitted(final_net, net_config, alphas_cumprod64, data, history, time.perf_counter() - start, device)
 
-    metadata = {
+
+def describe(config: TrainConfig, fitted: Fitted) -> dict:
+    """The checkpoint's metadata: schedule, network, data recipe, training run (checkpoints/README.md)."""
+    net_config, data, history = fitted.net_config, fitted.data, fitted.history
+    return {
         "num_timesteps": config.num_timesteps,
         "schedule": config.schedule,
         "prediction_type": net_config.prediction_type,
@@ -146,7 +169,7 @@ def train(config: TrainConfig) -> dict:
             "preset": config.preset,
             "architecture": "DenoiserMLP",
             **net_config.to_dict(),
-            "parameters": sum(p.numel() for p in net.parameters()),
+            "parameters": sum(p.numel() for p in fitted.net.parameters()),
             "flops_per_sample": flops_per_sample(net_config),
         },
         "data": {
@@ -155,8 +178,8 @@ def train(config: TrainConfig) -> dict:
             "std": list(data.std),
             "noise": config.data_noise,
             "n_samples": config.n_samples,
-            "n_train": int(train_x.shape[0]),
-            "n_val": int(val_x.shape[0]),
+            "n_train": int(data.train.shape[0]),
+            "n_val": int(data.val.shape[0]),
             "seed": config.data_seed,
         },
         "training": {
@@ -164,25 +187,25 @@ def train(config: TrainConfig) -> dict:
             "final_train_loss": history[-1][0],
             "final_val_loss": history[-1][1],
             "loss_history": [[round(a, 5), round(b, 5)] for a, b in history],
-            "seconds": round(seconds, 2),
-            "device": str(device),
+            "seconds": round(fitted.seconds, 2),
+            "device": str(fitted.device),
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
         },
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    if config.evaluate:
-        denoiser = Denoiser(final_net.cpu(), tuple(alphas_cumprod64.tolist()), net_config.prediction_type)
-        # Fresh points from a seed of their own: the benchmark's and quality_summary's references stay unseen.
-        real = fresh_real(TUNING_POINTS, config.data_noise, TUNING_SEED, data.mean, data.std)
-        tuned, metadata["timestep_search"] = tune(denoiser, real, seed=TUNING_SEED)
-        metadata["tuned_timesteps"] = tuned
-        denoiser = replace(denoiser, tuned_timesteps=parse_tuned_timesteps(tuned, config.num_timesteps))
-        metadata["quality"] = quality_summary(denoiser, data.mean, data.std, config.data_noise)
-    out = save_checkpoint(final_net, alphas_cumprod64, metadata, config.out)
-    if config.loss_curve:
-        write_loss_curve(history, out.with_suffix(".loss.png"), config.preset)
-    return metadata
+
+
+def tune_and_measure(config: TrainConfig, fitted: Fitted) -> dict:
+    """Few-step timestep schedules chosen for this network, then every sampler's quality: metadata fields."""
+    denoiser = Denoiser(fitted.net.cpu(), tuple(fitted.alphas_cumprod.tolist()), fitted.net_config.prediction_type)
+    data = fitted.data
+    # Fresh points from a seed of their own: the benchmark's and quality_summary's references stay unseen.
+    real = fresh_real(config.tune_points, config.data_noise, TUNING_SEED, data.mean, data.std)
+    tuned, search = tune(denoiser, real, seed=TUNING_SEED, restarts=config.tune_restarts)
+    denoiser = replace(denoiser, tuned_timesteps=parse_tuned_timesteps(tuned, config.num_timesteps))
+    quality = quality_summary(denoiser, data.mean, data.std, config.data_noise)
+    return {"tuned_timesteps": tuned, "timestep_search": search, "quality": quality}
 
 
 def write_loss_curve(history: list[tuple[float, float]], path: Path, title: str) -> None:

@@ -4,32 +4,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.settings import Settings
-from training.export import save_checkpoint
-from training.model import DenoiserMLP, NetConfig
-from training.schedules import make_alphas_cumprod
-
-TINY_T = 10
-# The tiny checkpoint carries one tuned schedule, as training writes them: dpmpp_2m at 4 steps.
-TINY_TUNED = [9, 6, 3, 0]
-
-
-def write_tiny_checkpoint(path, prediction_type="v", num_timesteps=TINY_T, **metadata_overrides):
-    """A small scripted checkpoint (untrained, width 8) that honours the contract: API tests need shapes, not skill."""
-    config = NetConfig(width=8, blocks=1, residual=True, time_embedding="sinusoidal", prediction_type=prediction_type)
-    net = DenoiserMLP(config, num_timesteps)
-    metadata = {
-        "num_timesteps": num_timesteps,
-        "schedule": "cosine",
-        "prediction_type": prediction_type,
-        "model": {"preset": "tiny-test"},
-        "data": {"mean": [0.0, 0.0], "std": [1.0, 1.0]},
-        "training": {"final_train_loss": 1.0, "final_val_loss": 1.0},
-        "created_at": "2026-01-01T00:00:00+00:00",
-        "tuned_timesteps": {"dpmpp_2m": {str(len(TINY_TUNED)): TINY_TUNED}} if num_timesteps == TINY_T else {},
-        **metadata_overrides,
-    }
-    return save_checkpoint(net, make_alphas_cumprod("cosine", num_timesteps), metadata, path)
+from tests.utils.checkpoints import make_settings, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -40,10 +15,6 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint_id(tiny_checkpoint):
     return hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
-
-
-def make_settings(checkpoint, **overrides) -> Settings:
-    return Settings(checkpoint=checkpoint, device="cpu", torch_threads=1, **overrides)
 
 
 @pytest.fixture(scope="module")

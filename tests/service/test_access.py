@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.service.conftest import make_settings
+from tests.utils.checkpoints import make_settings
 
 KEY = "s3cret-key-123"
 

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.render import HOLD_SECONDS
 from service.video_cache import VideoCache
-from tests.service.conftest import TINY_T, make_settings
+from tests.utils.checkpoints import TINY_T, make_settings
 
 URL = "/animation?n=300&steps=5&seed=3&fps=8&size=241"
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from diffusion.samplers import SAMPLERS, timesteps
 from service.app import create_app
-from service.samplers import SAMPLERS, timesteps
-from tests.service.conftest import TINY_T, TINY_TUNED, make_settings
+from tests.utils.checkpoints import TINY_T, TINY_TUNED, make_settings
 
 
 def test_sample_defaults(client, tiny_checkpoint_id):

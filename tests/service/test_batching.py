@@ -9,10 +9,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from diffusion.checkpoint import LoadedModel, load_model
+from diffusion.samplers import sample
 from service.app import create_app
-from service.checkpoint import LoadedModel, load_model
-from service.samplers import sample
-from tests.service.conftest import TINY_T, make_settings
+from tests.utils.checkpoints import TINY_T, make_settings
 
 
 class CountingNet:

@@ -8,11 +8,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from service.checkpoint import load_model
+from diffusion.checkpoint import load_model
+from diffusion.samplers import SAMPLERS, initial_noise, timesteps
+from diffusion.step_coefficients import coefficient_table, noise_draws, run_reference
 from service.cuda_fast_path import CudaFastPath, NoiseTape, TorchNet, draw_noise
-from service.samplers import SAMPLERS, initial_noise, timesteps
 from service.settings import Settings
-from service.step_coefficients import coefficient_table, noise_draws, run_reference
 from service.triton_chain import FoldedWeights, available
 
 CASES = [

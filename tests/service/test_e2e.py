@@ -4,7 +4,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service.live_server import LiveServer
+from bench.live_server import LiveServer
 
 pytestmark = pytest.mark.e2e
 

@@ -8,9 +8,9 @@ import schemathesis
 import torch
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from diffusion.checkpoint import load_model
 from service.app import create_app
-from service.checkpoint import load_model
-from tests.service.conftest import make_settings, write_tiny_checkpoint
+from tests.utils.checkpoints import make_settings, write_tiny_checkpoint
 
 # Built at import: schemathesis needs the schema to generate the test items (a tiny model keeps cases cheap,
 # and the schema's own bounds keep n, steps and size from asking for huge jobs).

@@ -9,9 +9,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from bench.live_server import LiveServer
 from service.app import create_app
-from tests.service.conftest import make_settings
-from tests.service.live_server import LiveServer
+from tests.utils.checkpoints import make_settings
 
 pytestmark = pytest.mark.e2e
 

@@ -9,9 +9,9 @@ import zipfile
 import pytest
 import torch
 
-from service.checkpoint import CheckpointError, load_model
-from tests.service.conftest import write_tiny_checkpoint
-from tests.service.live_server import REPO
+from bench.live_server import REPO
+from diffusion.checkpoint import CheckpointError, load_model
+from tests.utils.checkpoints import write_tiny_checkpoint
 
 
 def run_service(tmp_path, **env):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from service.samplers import timesteps
-from tests.service.gaussian_oracle import exact_moments, oracle
-from training.schedules import make_alphas_cumprod
+from diffusion.samplers import timesteps
+from diffusion.schedules import make_alphas_cumprod
+from tests.diffusion.gaussian_oracle import exact_moments, oracle
 from training.timestep_search import search_timesteps, tune
 
 AB40 = make_alphas_cumprod("cosine", 40)
@@ -13,7 +13,7 @@ AB40 = make_alphas_cumprod("cosine", 40)
 
 def _levels_moments(denoiser, levels):
     # exact_moments runs a sampler at trailing spacing; this one ignores its levels and uses ours.
-    from service.samplers import sample_dpmpp_2m
+    from diffusion.samplers import sample_dpmpp_2m
 
     return exact_moments(lambda d, x, _ts, g, cb: sample_dpmpp_2m(d, x, levels, g, cb), denoiser, len(levels))
 
@@ -29,7 +29,7 @@ def test_tuned_schedule_beats_trailing_on_the_exact_gaussian_output(steps):
     assert result.error < result.trailing_error
     _, cov_tuned = _levels_moments(d, ts)
     _, cov_trailing = _levels_moments(d, timesteps(40, steps))
-    from tests.service.gaussian_oracle import SIGMA
+    from tests.diffusion.gaussian_oracle import SIGMA
 
     assert (cov_tuned - SIGMA).abs().max() < (cov_trailing - SIGMA).abs().max()
 
@@ -49,7 +49,7 @@ def test_out_of_range_steps_are_refused():
 
 
 def test_tune_writes_what_the_service_reads():
-    from service.checkpoint import parse_tuned_timesteps
+    from diffusion.checkpoint import parse_tuned_timesteps
 
     d = oracle(make_alphas_cumprod("cosine", 12), "v")
     real = (torch.randn(2000, 2, generator=torch.Generator().manual_seed(0)) * 0.5).numpy()

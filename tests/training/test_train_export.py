@@ -4,10 +4,10 @@ import zipfile
 import pytest
 import torch
 
-from service.checkpoint import load_model
-from training import export
+from diffusion.checkpoint import FORMAT_VERSION, load_model
+from diffusion.checkpoint import read_archive as load_checkpoint
 from training.__main__ import parse_args
-from training.export import load_checkpoint, save_checkpoint
+from training.export import export_checkpoint
 from training.model import PRESETS, DenoiserMLP
 from training.train import TrainConfig, train
 
@@ -24,7 +24,7 @@ def tiny_run(tmp_path_factory):
 def test_tiny_training_writes_a_checkpoint_that_honours_the_contract(tiny_run):
     path, metadata = tiny_run
     module, meta = load_checkpoint(path)
-    assert meta == json.loads(json.dumps({"format_version": export.FORMAT_VERSION, **metadata}))
+    assert meta == json.loads(json.dumps({"format_version": FORMAT_VERSION, **metadata}))
     x = torch.randn(5, 2)
     t = torch.tensor([0, 1, 20, 38, 39], dtype=torch.int64)
     out = module(x, t)
@@ -90,7 +90,7 @@ def test_interrupted_write_leaves_the_previous_checkpoint_intact(tiny_run, tmp_p
     monkeypatch.setattr(torch.jit, "save", save_then_interrupt)
     module, meta = load_checkpoint(path)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(DenoiserMLP(PRESETS["seed"], 40), module.alphas_cumprod, {"x": 1}, target)
+        export_checkpoint(DenoiserMLP(PRESETS["seed"], 40), module.alphas_cumprod, {"x": 1}, target)
     assert target.read_bytes() == before
     assert zipfile.is_zipfile(target)
     assert list(tmp_path.iterdir()) == [target], "the temporary file is cleaned up"
@@ -134,7 +134,9 @@ def test_cli_help_documents_every_option(capsys):
 
 
 def test_quality_is_measured_and_stored(tmp_path):
-    meta = train(TrainConfig(**{**TINY, "evaluate": True, "epochs": 1}, out=str(tmp_path / "q.pt")))
+    # A small tuning budget: the search itself is tested in test_timestep_search.py.
+    budget = {"tune_restarts": 1, "tune_points": 5000}
+    meta = train(TrainConfig(**{**TINY, "evaluate": True, "epochs": 1, **budget}, out=str(tmp_path / "q.pt")))
     _, stored = load_checkpoint(tmp_path / "q.pt")
     quality = stored["quality"]
     assert quality == meta["quality"] and quality["metric"] == "sliced_w2"
@@ -156,7 +158,7 @@ def test_exported_network_is_the_trained_function(preset, tmp_path):
     # Export folds the time input into a per-level table: same outputs as the training-time network.
     net = DenoiserMLP(PRESETS[preset], 40)
     torch.nn.init.normal_(net.inp.weight, std=0.5)
-    path = save_checkpoint(net, torch.linspace(0.99, 0.01, 40, dtype=torch.float64), {"x": 1}, tmp_path / "f.pt")
+    path = export_checkpoint(net, torch.linspace(0.99, 0.01, 40, dtype=torch.float64), {"x": 1}, tmp_path / "f.pt")
     module, _ = load_checkpoint(path)
     x = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
     for level in (0, 1, 17, 39):

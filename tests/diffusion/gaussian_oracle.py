@@ -2,8 +2,8 @@
 
 import torch
 
-from service.denoiser import Denoiser
-from service.samplers import timesteps
+from diffusion.denoiser import Denoiser
+from diffusion.samplers import timesteps
 
 MU = torch.tensor([0.5, -1.0], dtype=torch.float64)
 SIGMA = torch.tensor([[1.0, 0.6], [0.6, 0.8]], dtype=torch.float64)

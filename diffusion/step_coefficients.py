@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from service.denoiser import Denoiser
-from service.samplers import _levels
+from diffusion.denoiser import Denoiser
+from diffusion.samplers import _levels
 
 COLUMNS = ("cx", "co", "cz", "cp", "p0x", "p0o")
 

@@ -16,6 +16,15 @@ ROW_ALIGN = 16
 FORWARD_CHUNK = 8192
 
 
+def prediction_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str):
+    """What the network learns to output at x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps; Denoiser.predict
+    inverts it."""
+    if prediction_type == "epsilon":
+        return eps
+    # v-prediction (Salimans & Ho 2022, eq. 9): v = alpha * eps - sigma * x0.
+    return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
+
+
 @dataclass(frozen=True)
 class Denoiser:
     net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B, 2], t [B] int64) -> [B, 2]

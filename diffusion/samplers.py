@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from service.denoiser import Denoiser
+from diffusion.denoiser import Denoiser
 
 
 class Step(NamedTuple):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from training.schedules import MAX_BETA, SCHEDULES, make_alphas_cumprod, make_betas
+from diffusion.schedules import MAX_BETA, SCHEDULES, make_alphas_cumprod, make_betas
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))

@@ -1,8 +1,15 @@
-"""Loads a checkpoint file and checks it honours the contract in checkpoints/README.md."""
+"""The checkpoint format, both sides of it: the writer training uses and the reader the service uses.
+
+A checkpoint is one TorchScript file: the network (forward(x [B, 2] f32, t [B] i64) -> [B, 2] f32), its
+float64 `alphas_cumprod` buffer, and `metadata.json` beside it in the archive. The contract is documented in
+checkpoints/README.md.
+"""
 
 import hashlib
 import json
 import math
+import os
+import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -10,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from service.denoiser import PREDICTION_TYPES, Denoiser
-from service.samplers import SAMPLERS
+from diffusion.denoiser import PREDICTION_TYPES, Denoiser
+from diffusion.samplers import SAMPLERS
 
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 1  # what save_checkpoint writes
+SUPPORTED_FORMAT_VERSIONS = (1,)  # what load_model reads
+METADATA_FILE = "metadata.json"
 REQUIRED_METADATA = ("format_version", "num_timesteps", "schedule", "prediction_type", "data", "training")
 
 
@@ -66,11 +76,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_model(path: str | Path, device: torch.device) -> LoadedModel:
+def read_archive(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
+    """The module and its metadata as stored, unchecked; CheckpointError if the file cannot be read at all."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "file not found" if not path.exists() else "not a regular file")
-    extra = {"metadata.json": ""}
+    extra = {METADATA_FILE: ""}
     try:
         with quiet_jit():
             net = torch.jit.load(str(path), map_location=device, _extra_files=extra)
@@ -78,9 +89,15 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(path, f"not a readable TorchScript archive (truncated or corrupt?): {first_line}") from e
     try:
-        metadata = json.loads(extra["metadata.json"])
+        return net, json.loads(extra[METADATA_FILE])
     except json.JSONDecodeError as e:
         raise CheckpointError(path, f"metadata.json is missing or not JSON ({e.msg})") from e
+
+
+def load_model(path: str | Path, device: torch.device) -> LoadedModel:
+    """Reads a checkpoint and checks it honours the contract: the only way a served model is loaded."""
+    path = Path(path)
+    net, metadata = read_archive(path, device)
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
         raise CheckpointError(path, f"metadata.json lacks {', '.join(missing)}")
@@ -163,3 +180,40 @@ def _check_forward(path: Path, net, num_timesteps: int, device: torch.device) ->
         raise CheckpointError(path, f"forward must return a float32 [B, 2] tensor, got {getattr(out, 'shape', out)}")
     if not torch.isfinite(out).all():
         raise CheckpointError(path, "forward returned non-finite values")
+
+
+class Checkpoint(nn.Module):
+    """The file's contract: forward(x [B, 2] f32, t [B] i64) -> [B, 2] f32 and a float64 `alphas_cumprod` [T]."""
+
+    def __init__(self, net: nn.Module, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.net = net
+        self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t)
+
+
+def save_checkpoint(net: nn.Module, alphas_cumprod: torch.Tensor, metadata: dict, path: str | Path) -> Path:
+    """Script and write atomically: the target is either the old file or the complete new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = Checkpoint(net.to("cpu").eval(), alphas_cumprod.cpu())
+    extra = {METADATA_FILE: json.dumps({"format_version": FORMAT_VERSION, **metadata}, indent=2)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with quiet_jit():
+                torch.jit.save(torch.jit.script(module), f, _extra_files=extra)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates 0600; a checkpoint is meant to be read by others (e.g. a container's service user).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: drop the partial temp file, leave the previous checkpoint untouched.
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

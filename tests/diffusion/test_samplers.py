@@ -5,10 +5,10 @@ import threading
 import pytest
 import torch
 
+from diffusion.samplers import SAMPLERS, SamplerError, sample, timesteps
+from diffusion.schedules import make_alphas_cumprod
 from service import samplers as S
-from service.samplers import SAMPLERS, SamplerError, sample, timesteps
-from tests.service.gaussian_oracle import MU, SIGMA, empirical_moments, exact_moments, oracle
-from training.schedules import make_alphas_cumprod
+from tests.diffusion.gaussian_oracle import MU, SIGMA, empirical_moments, exact_moments, oracle
 
 AB40 = make_alphas_cumprod("cosine", 40)  # the service's schedule
 AB1000 = make_alphas_cumprod("cosine", 1000)  # fine enough that discretization error is below sampling error

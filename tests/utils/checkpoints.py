@@ -1,0 +1,32 @@
+"""Test helpers shared by the test packages: a tiny checkpoint that honours the contract, and service settings."""
+
+from diffusion.schedules import make_alphas_cumprod
+from service.settings import Settings
+from training.export import export_checkpoint
+from training.model import DenoiserMLP, NetConfig
+
+TINY_T = 10
+# The tiny checkpoint carries one tuned schedule, as training writes them: dpmpp_2m at 4 steps.
+TINY_TUNED = [9, 6, 3, 0]
+
+
+def write_tiny_checkpoint(path, prediction_type="v", num_timesteps=TINY_T, **metadata_overrides):
+    """A small scripted checkpoint (untrained, width 8) that honours the contract: API tests need shapes, not skill."""
+    config = NetConfig(width=8, blocks=1, residual=True, time_embedding="sinusoidal", prediction_type=prediction_type)
+    net = DenoiserMLP(config, num_timesteps)
+    metadata = {
+        "num_timesteps": num_timesteps,
+        "schedule": "cosine",
+        "prediction_type": prediction_type,
+        "model": {"preset": "tiny-test"},
+        "data": {"mean": [0.0, 0.0], "std": [1.0, 1.0]},
+        "training": {"final_train_loss": 1.0, "final_val_loss": 1.0},
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "tuned_timesteps": {"dpmpp_2m": {str(len(TINY_TUNED)): TINY_TUNED}} if num_timesteps == TINY_T else {},
+        **metadata_overrides,
+    }
+    return export_checkpoint(net, make_alphas_cumprod("cosine", num_timesteps), metadata, path)
+
+
+def make_settings(checkpoint, **overrides) -> Settings:
+    return Settings(checkpoint=checkpoint, device="cpu", torch_threads=1, **overrides)
