@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffusion import noise
 from diffusion.checkpoint import load_model
 from diffusion.samplers import get_sampler, resolve_timesteps
 from service.cuda_fast_path import CudaFastPath
@@ -98,7 +99,7 @@ class Runner:
             return self.fast.sample(spec, ts, {}, [(g, n)]).cpu()
         # Before this work: per-step noise draws and ~12 launches per step (the service's old CUDA path).
         x = torch.randn((n, 2), generator=g, device="cuda")
-        return spec.fn(self.model.denoiser, x, ts, g, None).cpu()
+        return spec.fn(self.model.denoiser, x, ts, noise.from_generator(g), None).cpu()
 
 
 def in_process(model, sizes, reps: int) -> list[dict]:

@@ -1,13 +1,12 @@
 """Samplers: pure functions turning Gaussian noise into points, and the registry the API validates against.
 
 Every sampler has the signature
-    sampler(denoiser, x, ts, generator, callback=None, **params) -> x_0
+    sampler(denoiser, x, ts, noise, callback=None, **params) -> x_0
 where x is the initial noise x_T; `ts` lists the training levels to evaluate, noisiest first, one network
 evaluation each (as k-diffusion's samplers take a list of sigmas: trailing spacing from `timesteps`, or a
-schedule the checkpoint carries, see `resolve_timesteps`); `generator` is the request's own torch.Generator
-(or a NoiseSources list for batched requests, or a callable `noise(like)`); and `callback`, if given,
-receives a Step after every update. Per-step coefficients are Python floats computed from the float64
-schedule, so no step synchronizes with the device.
+schedule the checkpoint carries, see `resolve_timesteps`); `noise(like)` draws the request's noise (noise.py);
+and `callback`, if given, receives a Step after every update. Per-step coefficients are Python floats computed
+from the float64 schedule, so no step synchronizes with the device.
 """
 
 import math
@@ -18,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from diffusion.denoiser import Denoiser
+from diffusion.noise import from_generator, initial_noise
 
 
 class Step(NamedTuple):
@@ -28,25 +28,6 @@ class Step(NamedTuple):
 
 
 Callback = Callable[[Step], None]
-# Several requests batched together: each keeps its own generator for its own rows, so its noise (and thus
-# its points) does not depend on what it was batched with. A None generator marks alignment padding (zeros).
-NoiseSources = Sequence[tuple[torch.Generator | None, int]]
-
-
-def randn(like: torch.Tensor, generator: torch.Generator | NoiseSources | Callable) -> torch.Tensor:
-    if isinstance(generator, torch.Generator):
-        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-    if callable(generator):  # a noise source of its own, e.g. a captured graph's static buffer (cuda_fast_path)
-        return generator(like)
-    shape = like.shape[1:]
-    return torch.cat(
-        [
-            torch.randn((rows, *shape), generator=g, device=like.device, dtype=like.dtype)
-            if g is not None
-            else torch.zeros((rows, *shape), device=like.device, dtype=like.dtype)
-            for g, rows in generator
-        ]
-    )
 
 
 def timesteps(num_timesteps: int, steps: int) -> list[int]:
@@ -73,21 +54,21 @@ def posterior_mean(x, x0, ab_t: float, ab_prev: float):
 
 
 @torch.inference_mode()
-def sample_ddpm(denoiser, x, ts, generator, callback=None):
+def sample_ddpm(denoiser, x, ts, noise, callback=None):
     """Ho et al. 2020, Algorithm 2: ancestral sampling with sigma_t^2 = beta_t."""
     levels = _levels(denoiser, ts)
     for i, (t, ab_t, ab_prev) in enumerate(levels):
         eps, x0 = denoiser.predict(x, t)
         x = ddpm_mean(x, eps, ab_t, ab_prev)  # 4. mu_theta(x_t, t)
         if i + 1 < len(levels):  # 3. z = 0 on the last step
-            x = x + math.sqrt(1 - ab_t / ab_prev) * randn(x, generator)
+            x = x + math.sqrt(1 - ab_t / ab_prev) * noise(x)
         if callback is not None:
             callback(Step(i, t, x, x0))
     return x
 
 
 @torch.inference_mode()
-def sample_ddpm_x0(denoiser, x, ts, generator, callback=None):
+def sample_ddpm_x0(denoiser, x, ts, noise, callback=None):
     """Ho et al. 2020, eqs. 6-7: predict x0, then sample the posterior q(x_{t-1} | x_t, x0) (no clipping)."""
     levels = _levels(denoiser, ts)
     for i, (t, ab_t, ab_prev) in enumerate(levels):
@@ -95,14 +76,14 @@ def sample_ddpm_x0(denoiser, x, ts, generator, callback=None):
         x = posterior_mean(x, x0, ab_t, ab_prev)
         if i + 1 < len(levels):
             # 7. beta~_t = (1 - ab_prev) / (1 - ab_t) * beta_t
-            x = x + math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)) * randn(x, generator)
+            x = x + math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)) * noise(x)
         if callback is not None:
             callback(Step(i, t, x, x0))
     return x
 
 
 @torch.inference_mode()
-def sample_ddim(denoiser, x, ts, generator, callback=None, eta: float = 0.0):
+def sample_ddim(denoiser, x, ts, noise, callback=None, eta: float = 0.0):
     """Song et al. 2021, eq. 12: DDIM, deterministic at eta = 0, DDPM-like at eta = 1."""
     levels = _levels(denoiser, ts)
     for i, (t, ab_t, ab_prev) in enumerate(levels):
@@ -112,14 +93,14 @@ def sample_ddim(denoiser, x, ts, generator, callback=None, eta: float = 0.0):
         # 12. x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
         x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
         if sigma > 0:
-            x = x + sigma * randn(x, generator)
+            x = x + sigma * noise(x)
         if callback is not None:
             callback(Step(i, t, x, x0))
     return x
 
 
 @torch.inference_mode()
-def sample_dpmpp_2m(denoiser, x, ts, generator, callback=None):
+def sample_dpmpp_2m(denoiser, x, ts, noise, callback=None):
     """Lu et al. 2022, Algorithm 2: DPM-Solver++(2M), data prediction, first order on the first and last steps."""
     levels = _levels(denoiser, ts)
 
@@ -259,10 +240,6 @@ def resolve_params(spec: SamplerSpec, params: dict[str, float | None]) -> dict[s
     return out
 
 
-def initial_noise(n: int, generator: torch.Generator | NoiseSources, device, dtype=torch.float32) -> torch.Tensor:
-    return randn(torch.empty((n, 2), device=device, dtype=dtype), generator)
-
-
 def sample(
     denoiser: Denoiser,
     name: str,
@@ -273,10 +250,10 @@ def sample(
     spacing: str | None = None,
     **params,
 ) -> torch.Tensor:
-    """Validate, draw x_T from the request's generator, run the named sampler."""
+    """Validate, draw x_T from the generator, run the named sampler: the one-call form for offline use."""
     spec = get_sampler(name)
     steps = resolve_steps(spec, steps, denoiser.num_timesteps)
     ts, _ = resolve_timesteps(spec, denoiser, steps, spacing)
     params = resolve_params(spec, params)
-    x = initial_noise(n, generator, denoiser.device)
-    return spec.fn(denoiser, x, ts, generator, callback, **params)
+    noise = from_generator(generator)
+    return spec.fn(denoiser, initial_noise(n, noise, denoiser.device), ts, noise, callback, **params)

@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusion.checkpoint import load_model  # noqa: E402
 from diffusion.denoiser import FORWARD_CHUNK, Denoiser  # noqa: E402
-from diffusion.samplers import get_sampler, initial_noise, sample, timesteps  # noqa: E402
+from diffusion.noise import from_generator, initial_noise  # noqa: E402
+from diffusion.samplers import get_sampler, sample, timesteps  # noqa: E402
 from service.cuda_fast_path import CudaFastPath  # noqa: E402
 from service.graph_cache import GraphCache  # noqa: E402
 from training.evaluate import fresh_real  # noqa: E402
@@ -71,7 +72,7 @@ def main() -> None:
 
     # 3. Batch invariance on CUDA (informational): one request's rows alone vs inside a larger batch.
     ts = timesteps(gpu_model.denoiser.num_timesteps, gpu_model.denoiser.num_timesteps)
-    alone = initial_noise(1000, torch.Generator(device=cuda).manual_seed(1), cuda)
+    alone = initial_noise(1000, from_generator(torch.Generator(device=cuda).manual_seed(1)), cuda)
     others = torch.randn(7000, 2, device=cuda)
     with torch.inference_mode():
         a = gpu_model.denoiser.predict(alone, ts[5])[1]

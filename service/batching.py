@@ -2,7 +2,7 @@
 denoising step's network call, and are split apart afterwards.
 
 Batch-invariant by construction: every request keeps its own generator for its initial noise and for its
-rows of every step's noise (samplers.NoiseSources), and its rows start on a ROW_ALIGN boundary so the
+rows of every step's noise (diffusion.noise.from_sources), and its rows start on a ROW_ALIGN boundary so the
 network computes them exactly as it would alone (see denoiser.ROW_ALIGN): on CPU a seed gives the same points,
 bit for bit, batched or alone (on a GPU its GEMMs are not batch-invariant: rows agree to ~3e-7).
 
@@ -20,7 +20,7 @@ import torch
 
 from diffusion.checkpoint import LoadedModel
 from diffusion.denoiser import ROW_ALIGN
-from diffusion.samplers import initial_noise
+from diffusion.noise import from_sources, initial_noise
 from service.compute import ComputeGate, Job, Timing
 from service.metrics import Metrics
 from service.sampling import Plan
@@ -73,8 +73,9 @@ def run_batch(model: LoadedModel, plans: list[Plan], job: Job) -> list[np.ndarra
         out = model.fast_path.sample(first.spec, first.timesteps, first.params, sources)
     else:
         # Each generator's first draw is its request's x_T, exactly as when the request runs alone.
-        x = initial_noise(rows, sources, device)
-        out = first.spec.fn(model.denoiser, x, first.timesteps, sources, job.check, **first.params)
+        noise = from_sources(sources)
+        x = initial_noise(rows, noise, device)
+        out = first.spec.fn(model.denoiser, x, first.timesteps, noise, job.check, **first.params)
     out = out.cpu().numpy()
     return [out[start : start + p.n] for start, p in zip(starts, plans, strict=True)]
 

@@ -28,6 +28,7 @@ import torch
 
 from diffusion import step_coefficients
 from diffusion.denoiser import Denoiser
+from diffusion.noise import Sources, Tape
 from service import triton_chain
 from service.graph_cache import GraphCache
 from service.triton_chain import FoldedWeights
@@ -35,7 +36,6 @@ from service.triton_chain import FoldedWeights
 log = logging.getLogger("swissroll")
 PRECISIONS = tuple(triton_chain.DOT_PRECISION)  # the service offers fp32, tf32, bf16; fp32_ieee for benchmarks
 KERNELS = ("auto", "fused", "graph", "eager")
-Sources = Sequence[tuple[torch.Generator | None, int]]  # per request: its generator and rows (None: padding)
 
 
 def draw_noise(sources: Sources, slots: int, device) -> torch.Tensor:
@@ -49,17 +49,6 @@ def draw_noise(sources: Sources, slots: int, device) -> torch.Tensor:
             out[:, start : start + rows] = torch.randn((1 + slots, rows, 2), generator=generator, device=device)
         start += rows
     return out
-
-
-class NoiseTape:
-    """The sampler's noise source inside a captured graph: the next slot of a static buffer per call."""
-
-    def __init__(self, noise: torch.Tensor | None):
-        self.noise, self.calls = noise, 0
-
-    def __call__(self, like: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return torch.zeros_like(like) if self.noise is None else self.noise[self.calls - 1, : like.shape[0]]
 
 
 class TorchNet(torch.nn.Module):
@@ -123,14 +112,14 @@ class CudaFastPath:
             return step_coefficients.noise_draws(
                 step_coefficients.coefficient_table(self.denoiser, sampler.name, ts, params)
             )
-        counter = NoiseTape(None)  # a sampler without a table: count on one row
+        counter = Tape(None)  # a sampler without a table: count on one row
         sampler.fn(self.denoiser, torch.zeros((1, 2), device=self.denoiser.device), ts, counter, None, **params)
         return counter.calls
 
     def initial_state(self, sampler, ts: Sequence[int], params: dict, sources: Sources):
         """(x_T, noise source, denoiser) for running the sampler eagerly, e.g. with a callback (trajectories)."""
         drawn = draw_noise(sources, self.noise_slots(sampler, ts, params), self.denoiser.device)
-        return drawn[0], NoiseTape(drawn[1:]), self._net_denoiser
+        return drawn[0], Tape(drawn[1:]), self._net_denoiser
 
     def sample(self, sampler, ts: Sequence[int], params: dict, sources: Sources) -> torch.Tensor:
         """Points [rows, 2] (on the device) for all sources' rows together."""
@@ -151,7 +140,7 @@ class CudaFastPath:
                     return run.out[:rows].clone()  # out of the static buffer before another replay reuses it
                 finally:
                     release()
-        return sampler.fn(self._net_denoiser, drawn[0], ts, NoiseTape(drawn[1:]), None, **params)
+        return sampler.fn(self._net_denoiser, drawn[0], ts, Tape(drawn[1:]), None, **params)
 
     def _fused(self, name: str, ts, params, drawn: torch.Tensor) -> torch.Tensor:
         levels, slots, table = self._tables(name, tuple(ts), tuple(sorted(params.items())))
@@ -186,11 +175,11 @@ class CudaFastPath:
         self._capture_stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self._capture_stream):
             for _ in range(2):
-                sampler.fn(self._net_denoiser, xz[0], ts, NoiseTape(xz[1:]), None, **params)
+                sampler.fn(self._net_denoiser, xz[0], ts, Tape(xz[1:]), None, **params)
         torch.cuda.current_stream(device).wait_stream(self._capture_stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self._capture_stream, capture_error_mode="thread_local"):
-            out = sampler.fn(self._net_denoiser, xz[0], ts, NoiseTape(xz[1:]), None, **params)
+            out = sampler.fn(self._net_denoiser, xz[0], ts, Tape(xz[1:]), None, **params)
         nbytes = max(torch.cuda.memory_reserved(device) - before, xz.nbytes)
         log.debug("captured %s@%d for %d rows: %.1f MB", sampler.name, len(ts), bucket, nbytes / 2**20)
         return _GraphRun(graph, xz, out, nbytes)

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 
 from diffusion.checkpoint import LoadedModel
+from diffusion.noise import from_generator, initial_noise
 from diffusion.samplers import (
     SamplerSpec,
     Step,
     get_sampler,
-    initial_noise,
     resolve_params,
     resolve_steps,
     resolve_timesteps,
@@ -79,7 +79,8 @@ def run_plan(model: LoadedModel, p: Plan, job: Job, record: bool = False, record
             return model.fast_path.sample(p.spec, p.timesteps, p.params, [(generator, p.n)]).cpu().numpy(), None, None
         x, noise, denoiser = model.fast_path.initial_state(p.spec, p.timesteps, p.params, [(generator, p.n)])
     else:
-        x, noise, denoiser = initial_noise(p.n, generator, device), generator, model.denoiser
+        noise, denoiser = from_generator(generator), model.denoiser
+        x = initial_noise(p.n, noise, device)
     frames: list[torch.Tensor] = [x] if record else []
     x0s: list[torch.Tensor] = []
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from diffusion.denoiser import Denoiser
+from diffusion.noise import forbidden
 from diffusion.samplers import SAMPLERS, timesteps
 from training.metrics import sliced_w2
 
@@ -55,10 +56,11 @@ def search_timesteps(
         raise ValueError(f"steps must be in 1..{T}, got {steps}")
     generator = torch.Generator(device=denoiser.device).manual_seed(seed)
     z = torch.randn((n, 2), generator=generator, device=denoiser.device)
-    reference = fn(denoiser, z, list(range(T - 1, -1, -1)), None)
+    deterministic = forbidden(f"the schedule search needs a deterministic sampler, not {sampler!r}")
+    reference = fn(denoiser, z, list(range(T - 1, -1, -1)), deterministic)
 
     def error(ts: list[int]) -> float:
-        return float(((fn(denoiser, z, ts, None) - reference) ** 2).sum(dim=1).mean())
+        return float(((fn(denoiser, z, ts, deterministic) - reference) ** 2).sum(dim=1).mean())
 
     def descend(ts: list[int]) -> tuple[float, list[int]]:
         # Move one level at a time to the best position between its neighbours; stop when no move helps.
@@ -101,7 +103,12 @@ def tune(
         z = torch.randn((len(real), 2), generator=g, device=denoiser.device)
     for sampler, step_counts in plan.items():
         fn = SAMPLERS[sampler].fn
-        score = None if real is None else (lambda ts, fn=fn: sliced_w2(real, fn(denoiser, z, ts, None).cpu().numpy()))
+        deterministic = forbidden(f"tuning needs a deterministic sampler, not {sampler!r}")
+        score = (
+            None
+            if real is None
+            else (lambda ts, fn=fn, nz=deterministic: sliced_w2(real, fn(denoiser, z, ts, nz).cpu().numpy()))
+        )
         for steps in step_counts:
             if steps <= denoiser.num_timesteps:
                 r = search_timesteps(denoiser, sampler, steps, score, seed=seed, restarts=restarts)

@@ -3,6 +3,7 @@
 import torch
 
 from diffusion.denoiser import Denoiser
+from diffusion.noise import forbidden
 from diffusion.samplers import timesteps
 
 MU = torch.tensor([0.5, -1.0], dtype=torch.float64)
@@ -44,7 +45,14 @@ def exact_moments(fn, denoiser: Denoiser, steps: int, **params) -> tuple[torch.T
     With the optimal denoiser of Gaussian data every update is affine in x, so out(x_T) = A x_T + c:
     three evaluations give c and A, hence mean c and covariance A A^T exactly (in float64)."""
     probes = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    out = fn(denoiser, probes, timesteps(denoiser.num_timesteps, steps), None, None, **params)
+    out = fn(
+        denoiser,
+        probes,
+        timesteps(denoiser.num_timesteps, steps),
+        forbidden("the oracle needs ODE samplers"),
+        None,
+        **params,
+    )
     c = out[0]
     a = torch.stack([out[1] - c, out[2] - c], dim=1)
     return c, a @ a.T

@@ -5,6 +5,7 @@ import threading
 import pytest
 import torch
 
+from diffusion.noise import from_generator, from_sources
 from diffusion.samplers import SAMPLERS, SamplerError, sample, timesteps
 from diffusion.schedules import make_alphas_cumprod
 from service import samplers as S
@@ -129,25 +130,26 @@ def test_ddpm_and_ddpm_x0_share_the_posterior_mean():
 
 
 def test_ddpm_and_ddpm_x0_differ_only_in_variance():
-    # With zero noise (a NoiseSources entry without a generator) both reduce to their (shared) mean path.
+    # With zero noise (a batched source without a generator) both reduce to their (shared) mean path.
     d = oracle(AB40)
     x = torch.randn(500, 2, generator=torch.Generator().manual_seed(3))
-    zero = [(None, 500)]
+    zero = from_sources([(None, 500)])
     a = S.sample_ddpm(d, x, timesteps(40, 40), zero)
     b = S.sample_ddpm_x0(d, x, timesteps(40, 40), zero)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # ...and with noise they differ: beta_t > beta-tilde_t.
     g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     ts = timesteps(40, 40)
-    assert not torch.allclose(S.sample_ddpm(d, x, ts, g1), S.sample_ddpm_x0(d, x, ts, g2), atol=1e-3)
+    a, b = S.sample_ddpm(d, x, ts, from_generator(g1)), S.sample_ddpm_x0(d, x, ts, from_generator(g2))
+    assert not torch.allclose(a, b, atol=1e-3)
 
 
 def test_ddim_at_eta_one_is_the_posterior_sampler():
     # Song et al. 2021: sigma(eta = 1) is the DDPM posterior std, and the DDIM update is the posterior mean.
     d = oracle(AB40)
     x = torch.randn(1000, 2, generator=torch.Generator().manual_seed(5))
-    a = S.sample_ddim(d, x, timesteps(40, 10), torch.Generator().manual_seed(7), eta=1.0)
-    b = S.sample_ddpm_x0(d, x, timesteps(40, 10), torch.Generator().manual_seed(7))
+    a = S.sample_ddim(d, x, timesteps(40, 10), from_generator(torch.Generator().manual_seed(7)), eta=1.0)
+    b = S.sample_ddpm_x0(d, x, timesteps(40, 10), from_generator(torch.Generator().manual_seed(7)))
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -233,7 +235,7 @@ def test_step_for_step_agreement_with_diffusers(name, steps, cls, config, step_k
         denoiser,
         x_T,
         ts,
-        torch.Generator().manual_seed(4),
+        from_generator(torch.Generator().manual_seed(4)),
         lambda s: ours.append(s.x),
         **{k: v for k, v in step_kwargs.items() if k == "eta" and name == "ddim"},
     )
@@ -307,9 +309,9 @@ def test_batched_noise_sources_match_separate_requests():
             torch.randn(5, 2, generator=torch.Generator().manual_seed(2)),
         ]
     )
-    noise = S.randn(x, [(torch.Generator().manual_seed(1), 3), (torch.Generator().manual_seed(2), 5)])
-    padded = S.randn(
-        torch.empty(10, 2), [(torch.Generator().manual_seed(1), 3), (None, 2), (torch.Generator().manual_seed(2), 5)]
+    noise = from_sources([(torch.Generator().manual_seed(1), 3), (torch.Generator().manual_seed(2), 5)])(x)
+    padded = from_sources([(torch.Generator().manual_seed(1), 3), (None, 2), (torch.Generator().manual_seed(2), 5)])(
+        torch.empty(10, 2)
     )
     assert torch.equal(padded[3:5], torch.zeros(2, 2)) and torch.equal(padded[5:], x[3:])
     torch.testing.assert_close(noise, x)

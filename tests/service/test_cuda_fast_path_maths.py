@@ -9,9 +9,11 @@ import torch
 from pydantic import ValidationError
 
 from diffusion.checkpoint import load_model
-from diffusion.samplers import SAMPLERS, initial_noise, timesteps
+from diffusion.noise import Tape as NoiseTape
+from diffusion.noise import from_generator, initial_noise
+from diffusion.samplers import SAMPLERS, timesteps
 from diffusion.step_coefficients import coefficient_table, noise_draws, run_reference
-from service.cuda_fast_path import CudaFastPath, NoiseTape, TorchNet, draw_noise
+from service.cuda_fast_path import CudaFastPath, TorchNet, draw_noise
 from service.settings import Settings
 from service.triton_chain import FoldedWeights, available
 
@@ -35,7 +37,8 @@ def model():
 
 def eager(model, name, ts, params, seed, n):
     g = torch.Generator().manual_seed(seed)
-    return SAMPLERS[name].fn(model.denoiser, initial_noise(n, g, "cpu"), ts, g, None, **params)
+    noise = from_generator(g)
+    return SAMPLERS[name].fn(model.denoiser, initial_noise(n, noise, "cpu"), ts, noise, None, **params)
 
 
 def net_at(model):
@@ -47,7 +50,7 @@ def test_coefficient_table_reproduces_each_sampler(model, name, steps, params):
     ts = timesteps(model.denoiser.num_timesteps, steps)
     table = coefficient_table(model.denoiser, name, ts, params)
     g = torch.Generator().manual_seed(3)
-    x = initial_noise(2000, g, "cpu")
+    x = initial_noise(2000, from_generator(g), "cpu")
     got = run_reference(net_at(model), x, ts, table, lambda like: torch.randn(like.shape, generator=g))
     want = eager(model, name, ts, params, 3, 2000)
     # Same maths, other float association: differences are rounding, amplified at most ~100x over 40 steps.
@@ -67,11 +70,12 @@ def test_coefficients_for_an_epsilon_model_too(model):
     for name in ("ddpm", "ddpm_x0", "ddim", "dpmpp_2m"):
         table = coefficient_table(eps_denoiser, name, ts, {})
         g1 = torch.Generator().manual_seed(1)
-        x = initial_noise(500, g1, "cpu")
+        x = initial_noise(500, from_generator(g1), "cpu")
         net = lambda x, t: eps_denoiser.net(x, torch.full((x.shape[0],), t))  # noqa: E731
         got = run_reference(net, x, ts, table, lambda like: torch.randn(like.shape, generator=g1))  # noqa: B023
         g = torch.Generator().manual_seed(1)
-        want = SAMPLERS[name].fn(eps_denoiser, initial_noise(500, g, "cpu"), ts, g, None)
+        noise = from_generator(g)
+        want = SAMPLERS[name].fn(eps_denoiser, initial_noise(500, noise, "cpu"), ts, noise, None)
         # An epsilon model's x0 = (x - sigma eps) / alpha scales rounding by 1 / alpha: compare relatively.
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5, name
 
@@ -162,7 +166,7 @@ def test_triton_kernel_in_the_interpreter(model, monkeypatch):
             slots.append(k if row[2] else -1)
             k += bool(row[2])
         g = torch.Generator().manual_seed(3)
-        x = initial_noise(70, g, "cpu")
+        x = initial_noise(70, from_generator(g), "cpu")
         noise = torch.stack([torch.randn((70, 2), generator=g) for _ in range(max(k, 1))])
         as_i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
         got = launch(weights, x, noise, as_i32(ts), as_i32(slots), torch.tensor(table), "fp32")

@@ -15,7 +15,7 @@ def _levels_moments(denoiser, levels):
     # exact_moments runs a sampler at trailing spacing; this one ignores its levels and uses ours.
     from diffusion.samplers import sample_dpmpp_2m
 
-    return exact_moments(lambda d, x, _ts, g, cb: sample_dpmpp_2m(d, x, levels, g, cb), denoiser, len(levels))
+    return exact_moments(lambda d, x, _ts, nz, cb: sample_dpmpp_2m(d, x, levels, nz, cb), denoiser, len(levels))
 
 
 @pytest.mark.parametrize("steps", [4, 6])
