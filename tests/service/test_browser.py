@@ -326,7 +326,8 @@ def test_forward_and_reverse_field_x0_and_real_data(page, server):
         page.keyboard.press("Space")
     assert f"seed={seed}" in with_x0.value.url and _npy(with_x0.value).shape[:2] == (2, frames)
     page.wait_for_function("document.getElementById('canvas').dataset.hasX0 === 'true'")
-    page.evaluate("document.getElementById('play').textContent.includes('❚') && document.getElementById('play').click()")
+    pause = "(() => { const b = document.getElementById('play'); if (b.textContent.includes('❚')) b.click(); })()"
+    page.evaluate(pause)
     page.evaluate(SET_FRAME, frames // 2)
     assert page.get_attribute("#canvas", "data-x0-drawn") == str(frames // 2)
 
