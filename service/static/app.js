@@ -42,7 +42,8 @@
     mode: "reverse", // which process the canvas shows: "reverse" (the run) or "forward" (real data noised)
     fwd: null, // {seed, levels, frames: Float32Array[]}: /forward with the run's n, steps and seed
     real: null, // Float32Array: real data (the forward process's frame 0)
-    fields: new Map(), // level -> {points, eps} from /field, or "pending"
+    fields: new Map(), // level -> {points, eps} from /field
+    fieldRequests: new Map(), // level -> promise of the /field request (one per level)
     t0: 0, // when the current run was requested (time to first frame)
     firstFrameDrawn: true,
   };
@@ -305,6 +306,7 @@
     if (!frames) return;
     el.slider.max = String(frames.length - 1);
     el.canvas.dataset.frames = String(frames.length);
+    prefetchFields();
     if (window.matchMedia("(prefers-reduced-motion: reduce)").matches) {
       pause();
       setFrame(frames.length - 1);
@@ -323,6 +325,7 @@
     state.real = state.fwd.frames[0];
     el.canvas.dataset.forwardFrames = String(npy.shape[0]);
     updateLegend();
+    if (state.mode === "forward") prefetchFields();
     draw();
     // The real-vs-real floor needs a second, independent real sample: the next seed's data.
     const other = String((BigInt(run.seed) + 1n) % 2n ** 63n);
@@ -607,18 +610,31 @@
     c.restore();
   }
 
-  async function ensureField(t) {
-    if (state.fields.has(t)) return;
-    state.fields.set(t, "pending");
-    try {
-      const body = await (await apiGet("/field", { t, grid: FIELD.grid, extent: FIELD.extent })).json();
-      state.fields.set(t, { points: body.points, eps: body.eps });
-      if (el.showField.checked && state.run && frameLevel(state.frame) === t) draw();
-    } catch (e) {
-      state.fields.delete(t);
-      el.showField.checked = false;
-      updateLegend();
-      showError(`Field overlay: ${e.message}`);
+  function ensureField(t) {
+    if (!state.fieldRequests.has(t)) {
+      const request = (async () => {
+        try {
+          const body = await (await apiGet("/field", { t, grid: FIELD.grid, extent: FIELD.extent })).json();
+          state.fields.set(t, { points: body.points, eps: body.eps });
+          if (el.showField.checked && activeFrames() && frameLevel(state.frame) === t) draw();
+        } catch (e) {
+          state.fieldRequests.delete(t);
+          el.showField.checked = false;
+          updateLegend();
+          showError(`Field overlay: ${e.message}`);
+        }
+      })();
+      state.fieldRequests.set(t, request);
+    }
+    return state.fieldRequests.get(t);
+  }
+
+  // Every level of the process on screen, one request at a time, so arrows are there when playback reaches them.
+  async function prefetchFields() {
+    const frames = activeFrames();
+    for (let k = 0; frames && k < frames.length; k++) {
+      if (!el.showField.checked || activeFrames() !== frames) return;
+      await ensureField(frameLevel(k));
     }
   }
 
@@ -650,7 +666,7 @@
       const t = frameLevel(k);
       el.fieldLabel.textContent = `−ε̂ (score direction) at t = ${t}`;
       const field = state.fields.get(t);
-      if (field && field !== "pending") {
+      if (field) {
         drawField(ctx, g, field);
         el.canvas.dataset.fieldDrawn = String(t);
       } else ensureField(t);
@@ -738,6 +754,7 @@
     el.slider.max = String(frames.length - 1);
     el.canvas.dataset.frames = String(frames.length);
     setFrame(state.frame); // the same position on the other process: scrub one, then the other
+    prefetchFields();
   }
 
   // ---------------------------------------------------------------- playback
@@ -858,6 +875,7 @@
   el.showField.addEventListener("change", () => {
     updateLegend();
     draw();
+    prefetchFields();
   });
   el.showX0.addEventListener("change", () => {
     updateLegend();
