@@ -16,7 +16,7 @@ from service.field import check_level, run_field
 from service.forward import forward_plan, render_forward_animation, run_forward
 from service.metrics import Metrics
 from service.render import even
-from service.samplers import SAMPLERS
+from service.samplers import SAMPLERS, SamplerError
 from service.sampling import plan, render_animation, sample_points
 from service.schemas import AnimationParams, FieldParams, ForwardParams, SampleParams, TrajectoryParams
 from service.video_cache import VideoCache
@@ -138,6 +138,9 @@ async def animation(
 ) -> Response:
     size = even(params.size)
     if params.process == "forward":
+        for name in ("sampler", "spacing", "eta"):
+            if name in params.model_fields_set:  # a sampling parameter with nothing to sample: say so, don't ignore it
+                raise SamplerError(name, f"{name} does not apply to process=forward (it uses n, steps and seed)")
         fp = forward_plan(model, params.n, params.steps, params.seed)
         request.state.sampler = "forward"
         key = f"{model.id}|forward|{fp.levels}|{fp.seed}|{fp.n}|{params.fps}|{size}"

@@ -76,7 +76,7 @@ class AnimationParams(SamplingParams):
     process: Literal["forward", "reverse"] = Field(
         "reverse",
         description="reverse: the denoising of a sampling run; forward: real data noised level by level (as /forward: "
-        "uses n, steps, seed; the sampler parameters do not apply)",
+        "uses n, steps, seed; sampler, spacing and eta are refused)",
         examples=["reverse", "forward"],
     )
 

@@ -178,6 +178,9 @@ def test_forward_animation_is_an_mp4_with_its_own_cache_key(client):
     assert again.headers["x-cache"] == "hit" and again.content == fwd.content
     assert client.get(f"/animation?{q}&process=sideways").status_code == 422
     assert client.get(f"/animation?n=5&steps={TINY_T + 1}&process=forward").status_code == 422
+    for extra, name in [("sampler=ddim", "sampler"), ("eta=0.5", "eta"), ("spacing=trailing", "spacing")]:
+        r = client.get(f"/animation?{q}&process=forward&{extra}")
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == name
 
 
 def test_forward_animation_frame_count():
