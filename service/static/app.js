@@ -268,9 +268,13 @@
         x0: withX0 ? splitFrames(npy.data, frameCount, n, frameCount * n * 2) : null,
       };
       el.canvas.dataset.hasX0 = String(withX0);
-      state.fwd = null;
-      state.real = null;
-      el.quality.textContent = "";
+      // The same points again (x0 added): the forward frames and the quality figure still hold.
+      const sameRun = state.fwd && state.fwd.key === `${n}|${timesteps.length}|${seed}`;
+      if (!sameRun) {
+        state.fwd = null;
+        state.real = null;
+        el.quality.textContent = "";
+      }
       state.t0 = t0;
       state.firstFrameDrawn = false;
       if (!keepSeed) syncUrl(query);
@@ -285,10 +289,15 @@
       el.play.disabled = false;
       el.loadMp4.disabled = false;
       el.canvas.dataset.sampler = state.run.sampler;
+      if (sameRun) {
+        showRun();
+        return;
+      }
       const forward = loadForward(state.run, controller.signal); // real data and the noising, same n, steps, seed
       if (state.mode === "forward") await forward;
       showRun();
-      if (state.mode === "reverse") await forward;
+      await forward;
+      await loadQuality(state.run, controller.signal);
     } catch (e) {
       if (e.name === "AbortError") return;
       showError(e.message, e.params || []);
@@ -321,13 +330,18 @@
     const { resp, npy } = await getNpy("/forward", q, signal);
     const levels = (resp.headers.get("X-Levels") || "").split(",").filter(Boolean).map(Number);
     if (state.run !== run) return;
-    state.fwd = { seed: run.seed, levels, frames: splitFrames(npy.data, npy.shape[0], npy.shape[1]) };
+    const key = `${run.n}|${run.steps}|${run.seed}`;
+    state.fwd = { key, levels, frames: splitFrames(npy.data, npy.shape[0], npy.shape[1]) };
     state.real = state.fwd.frames[0];
     el.canvas.dataset.forwardFrames = String(npy.shape[0]);
     updateLegend();
     if (state.mode === "forward") prefetchFields();
     draw();
-    // The real-vs-real floor needs a second, independent real sample: the next seed's data.
+  }
+
+  // The real-vs-real floor needs a second, independent real sample: the next seed's data.
+  async function loadQuality(run, signal) {
+    if (state.run !== run || !state.real) return;
     const other = String((BigInt(run.seed) + 1n) % 2n ** 63n);
     const floor = await getNpy("/forward", { n: run.n, steps: 1, seed: other }, signal);
     if (state.run !== run) return;
@@ -856,7 +870,7 @@
     if (s && el.steps.value !== "") el.steps.value = clamp(Math.round(Number(el.steps.value)) || s.steps.default, s.steps.min, s.steps.max);
     runTrajectory();
   });
-  el.eta.addEventListener("change", runTrajectory);
+  el.eta.addEventListener("change", () => runTrajectory());
   el.seed.addEventListener("input", () => {
     el.seedHint.textContent = el.seed.value.trim() ? "fixed seed" : "blank = random";
   });
