@@ -138,7 +138,7 @@ def views_screenshot(browser, base: str, path: Path) -> None:
     out = Image.new("RGB", (left.width + right.width + gap, max(left.height, right.height)), (244, 245, 247))
     out.paste(left, (0, 0))
     out.paste(right, (left.width + gap, 0))
-    out.save(path, optimize=True)
+    out.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)  # ~3x smaller, same look
 
 
 def main() -> None:
