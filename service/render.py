@@ -112,5 +112,11 @@ def encode_mp4(images: list[np.ndarray], fps: int, hold_frames: int) -> bytes:
 
 def animation_mp4(frames: np.ndarray, sampler: str, timesteps: Sequence[int], size: int, fps: int) -> bytes:
     """frames: [steps + 1, n, 2] trajectory; one video frame each, then a hold on the final samples."""
-    hold = max(1, round(HOLD_SECONDS * fps))
-    return encode_mp4(render_frames(frames, sampler, timesteps, size), fps, hold)
+    return captioned_mp4(frames, frame_captions(sampler, timesteps), size, fps)
+
+
+def captioned_mp4(frames: np.ndarray, texts: Sequence[str], size: int, fps: int) -> bytes:
+    """Any sequence of point clouds (denoising or noising), one caption per frame, then a hold on the last."""
+    size = even(size)
+    images = [caption(draw_points(f, size), text) for f, text in zip(frames, texts, strict=True)]
+    return encode_mp4(images, fps, max(1, round(HOLD_SECONDS * fps)))

@@ -3,6 +3,7 @@
 import hashlib
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -11,11 +12,13 @@ from service.byte_ranges import not_modified, ranged_response
 from service.checkpoint import LoadedModel
 from service.compute import ComputeGate, Timing
 from service.encoding import compact, json_response, npy_response
+from service.field import check_level, run_field
+from service.forward import forward_plan, render_forward_animation, run_forward
 from service.metrics import Metrics
 from service.render import even
-from service.samplers import SAMPLERS
+from service.samplers import SAMPLERS, SamplerError
 from service.sampling import plan, render_animation, sample_points
-from service.schemas import AnimationParams, SampleParams, TrajectoryParams
+from service.schemas import AnimationParams, FieldParams, ForwardParams, SampleParams, TrajectoryParams
 from service.video_cache import VideoCache
 
 
@@ -77,6 +80,7 @@ async def sample(
     dependencies=[Depends(require_api_key)],
     summary="Every intermediate state of one sampling run (for animation)",
     tags=["sampling"],
+    responses={200: {"content": {"application/x-npy": {}}}},
 )
 async def trajectory(
     params: Annotated[TrajectoryParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
@@ -85,6 +89,20 @@ async def trajectory(
     request.state.sampler = p.spec.name
     result = await sample_points(gate, model, p, request.is_disconnected, record=True, record_x0=params.include_x0)
     _record(metrics, "/trajectory", p.spec.name, p.n, result.timing)
+    if params.format == "npy":
+        # The JSON fields travel as headers; the body is the bare array (see TrajectoryParams.format for its shape).
+        headers = {
+            "X-Seed": str(p.seed),
+            "X-Model": model.id,
+            "X-Elapsed-Ms": str(round(result.timing.compute_s * 1000, 2)),
+            "X-Sampler": p.spec.name,
+            "X-Spacing": p.spacing,
+            "X-Timesteps": ",".join(map(str, p.timesteps)),
+        }
+        if not params.include_x0:
+            return npy_response(result.frames, headers, params.dtype)
+        x0 = np.concatenate([result.x0, np.full_like(result.x0[:1], np.nan)])  # no prediction from the last frame
+        return npy_response(np.stack([result.frames, x0]), headers, params.dtype)
     payload = {
         **p.describe(),
         "model": model.id,
@@ -118,15 +136,25 @@ async def animation(
     metrics: MetricsDep,
     cache: Cache,
 ) -> Response:
-    p = plan(model, params)
-    request.state.sampler = p.spec.name
     size = even(params.size)
-    key = f"{model.id}|{p.spec.name}|{p.timesteps}|{p.params.get('eta')}|{p.seed}|{p.n}|{params.fps}|{size}"
+    if params.process == "forward":
+        for name in ("sampler", "spacing", "eta"):
+            if name in params.model_fields_set:  # a sampling parameter with nothing to sample: say so, don't ignore it
+                raise SamplerError(name, f"{name} does not apply to process=forward (it uses n, steps and seed)")
+        fp = forward_plan(model, params.n, params.steps, params.seed)
+        request.state.sampler = "forward"
+        key = f"{model.id}|forward|{fp.levels}|{fp.seed}|{fp.n}|{params.fps}|{size}"
+        seed = fp.seed
+    else:
+        p = plan(model, params)
+        request.state.sampler = p.spec.name
+        key = f"{model.id}|reverse|{p.spec.name}|{p.timesteps}|{p.params.get('eta')}|{p.seed}|{p.n}|{params.fps}|{size}"
+        seed = p.seed
     etag = f'"{hashlib.sha256(key.encode()).hexdigest()[:32]}"'
-    headers = {"X-Seed": str(p.seed)}
+    headers = {"X-Seed": str(seed)}
     if params.seed is None:
         # A drawn seed makes this URL's content differ per request: point at the reproducible one, never cache.
-        headers["Content-Location"] = f"{request.url.path}?{request.url.query}&seed={p.seed}".replace("?&", "?")
+        headers["Content-Location"] = f"{request.url.path}?{request.url.query}&seed={seed}".replace("?&", "?")
         headers["Cache-Control"] = "no-store"
     else:
         headers["Cache-Control"] = "public, max-age=86400, immutable"  # deterministic given all parameters
@@ -134,6 +162,10 @@ async def animation(
             return Response(status_code=304, headers={**headers, "ETag": etag})
 
     async def render() -> bytes:
+        if params.process == "forward":
+            data, timing = await render_forward_animation(gate, model, fp, size, params.fps, request.is_disconnected)
+            _record(metrics, "/animation", "forward", fp.n, timing)
+            return data
         data, timing = await render_animation(gate, model, p, size, params.fps, request.is_disconnected)
         _record(metrics, "/animation", p.spec.name, p.n, timing)
         return data
@@ -141,6 +173,67 @@ async def animation(
     data, cached = await cache.get_or_render(key, render)
     headers["X-Cache"] = "hit" if cached else "miss"
     return ranged_response(request, data, "video/mp4", etag, headers)
+
+
+@router.get(
+    "/forward",
+    dependencies=[Depends(require_api_key)],
+    summary="The forward (noising) process on real data: frames from the data to noise, with the model's schedule",
+    tags=["explain"],
+    responses={200: {"content": {"application/x-npy": {}}}, 422: {}, 503: {}, 504: {}},
+)
+async def forward(
+    params: Annotated[ForwardParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
+) -> Response:
+    p = forward_plan(model, params.n, params.steps, params.seed)
+    request.state.sampler = "forward"
+    frames, timing = await run_forward(gate, model, p, request.is_disconnected)
+    _record(metrics, "/forward", "forward", p.n, timing)
+    elapsed_ms = round(timing.compute_s * 1000, 2)
+    headers = {"X-Seed": str(p.seed), "X-Model": model.id, "X-Elapsed-Ms": str(elapsed_ms)}
+    if params.format == "npy":
+        return npy_response(frames, {**headers, "X-Levels": ",".join(map(str, p.levels))}, params.dtype)
+    ab = model.denoiser.alphas_cumprod
+    payload = {
+        **p.describe(),
+        "model": model.id,
+        "elapsed_ms": elapsed_ms,
+        "levels": list(p.levels),  # frames[k] is at levels[k - 1]; frames[0] is the data
+        "alphas_cumprod": [round(ab[t], 8) for t in p.levels],
+        "data": {k: model.metadata.get("data", {}).get(k) for k in ("noise", "mean", "std")},
+        "frames": compact(frames),
+    }
+    return json_response(payload, headers=headers)
+
+
+@router.get(
+    "/field",
+    dependencies=[Depends(require_api_key)],
+    summary="The learned field at one level: predicted noise and clean point on a regular grid (quiver plots)",
+    tags=["explain"],
+    responses={422: {}, 503: {}, 504: {}},
+)
+async def field(
+    params: Annotated[FieldParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
+) -> Response:
+    t = check_level(model, params.t)
+    request.state.sampler = "field"
+    f, timing = await run_field(gate, model, t, params.grid, params.extent, request.is_disconnected)
+    _record(metrics, "/field", "field", params.grid**2, timing)
+    ab = model.denoiser.alphas_cumprod[t]
+    payload = {
+        "t": t,
+        "grid": params.grid,
+        "extent": params.extent,
+        "alpha_bar": ab,
+        "sigma": (1 - ab) ** 0.5,  # score = -eps / sigma
+        "model": model.id,
+        "elapsed_ms": round(timing.compute_s * 1000, 2),
+        "points": f.points,  # point k = (xs[k % grid], ys[k // grid]), xs = ys = linspace(-extent, extent, grid)
+        "eps": f.eps,
+        "x0": f.x0,
+    }
+    return json_response(payload)
 
 
 @router.get("/samplers", summary="The samplers this server offers, with their steps and parameters", tags=["model"])

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     )
     drain_s: float = Field(20.0, ge=0, le=600, description="graceful-shutdown time for in-flight requests")
     animation_cache_mb: int = Field(64, ge=0, le=4096)
+    gzip_min_bytes: int = Field(
+        1024, ge=0, le=1 << 30, description="gzip responses at least this large when the client accepts it; 0 = off"
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
     # CUDA only (ignored on CPU): see service/cuda_fast_path.py and bench/results/gpu.md.
     cuda_kernel: str = Field(
