@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -17,8 +16,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from service.batching import Batcher
+from service.blocks import MIN_BLOCK_ROWS, BlockPool
 from service.checkpoint import LoadedModel, load_model, resolve_device
 from service.compute import Cancelled, ComputeGate, DeadlineExceeded, Job, Overloaded
+from service.cpus import choose_threads
 from service.encoding import json_response
 from service.metrics import Metrics
 from service.routes import router
@@ -32,11 +33,12 @@ log = logging.getLogger("swissroll")
 STATIC_DIR = Path(__file__).parent / "static"
 
 
-def _warm_up(model: LoadedModel) -> None:
-    """One small run of every sampler: first-call costs (allocator, kernels) are paid before ready."""
+def _warm_up(model: LoadedModel, blocks: BlockPool | None) -> None:
+    """One small run of every sampler: first-call costs (allocator, kernels, block threads) are paid before ready."""
+    n = MIN_BLOCK_ROWS * blocks.threads if blocks is not None else 64  # big enough to reach every block thread
     for name in SAMPLERS:
-        p = plan(model, SampleParams(n=64, sampler=name, seed=0))
-        run_plan(model, p, Job(float("inf"), threading.Event()), record=True)
+        p = plan(model, SampleParams(n=n, sampler=name, seed=0))
+        run_plan(model, p, Job(float("inf"), threading.Event(), blocks), record=True)
 
 
 def create_app(settings: Settings | None = None, model: LoadedModel | None = None) -> FastAPI:
@@ -51,10 +53,10 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
                 lambda _job: load_model(settings.checkpoint, resolve_device(settings.device))
             )
         if settings.warmup:
-            await gate.run(lambda _job: _warm_up(app.state.model))
+            await gate.run(lambda job: _warm_up(app.state.model, job.blocks))
         app.state.ready = True
-        model_info = {"model": app.state.model.id[:12], "device": str(app.state.model.device), "threads": threads}
-        log.info(json.dumps({"event": "ready", **model_info}))
+        model_info = {"model": app.state.model.id[:12], "device": str(app.state.model.device)}
+        log.info(json.dumps({"event": "ready", **model_info, **app.state.threads}))
         yield
         app.state.ready = False
 
@@ -68,13 +70,19 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     app.state.ready = False
     if model is not None:
         app.state.model = model  # usable at once; ready only after the lifespan's warm-up
-    threads = settings.torch_threads or os.cpu_count() or 1
+    choice = choose_threads(settings.torch_threads)
+    blocks = BlockPool(choice.threads) if settings.cpu_parallel == "blocks" and choice.threads > 1 else None
+    app.state.threads = {**choice.describe(), "cpu_parallel": settings.cpu_parallel}
+    # Per compute thread: torch.set_num_threads only sets the calling thread's OpenMP and MKL counts (and the
+    # default of threads that have not run torch yet). With blocks, the compute thread runs one block itself.
+    intra_op = 1 if settings.cpu_parallel == "blocks" else choice.threads
     app.state.gate = ComputeGate(
         settings.max_concurrency,
         settings.max_queue,
         settings.request_timeout_s,
         settings.max_points_in_flight,
-        thread_init=lambda: torch.set_num_threads(threads),  # per compute thread: OpenMP settings are per thread
+        thread_init=lambda: torch.set_num_threads(intra_op),
+        blocks=blocks,
     )
     app.state.metrics = Metrics()
     app.state.batcher = (

@@ -18,6 +18,7 @@ import anyio
 import numpy as np
 import torch
 
+from service.blocks import run_sampler
 from service.checkpoint import LoadedModel
 from service.compute import ComputeGate, Job, Timing
 from service.denoiser import ROW_ALIGN
@@ -60,18 +61,20 @@ class _Batch:
 def run_batch(model: LoadedModel, plans: list[Plan], job: Job) -> list[np.ndarray]:
     """One sampler run over all plans' rows; each plan's block starts on a ROW_ALIGN boundary."""
     device = model.device
-    blocks, sources, starts = [], [], []
+    x_t, sources, starts = [], [], []
     for p in plans:
         generator = torch.Generator(device=device).manual_seed(p.seed)
         starts.append(sum(rows for _, rows in sources))
-        blocks.append(initial_noise(p.n, generator, device))
+        x_t.append(initial_noise(p.n, generator, device))
         sources.append((generator, p.n))
         pad = -p.n % ROW_ALIGN
         if pad:
-            blocks.append(torch.zeros(pad, 2, device=device))
+            x_t.append(torch.zeros(pad, 2, device=device))
             sources.append((None, pad))
     first = plans[0]
-    out = first.spec.fn(model.denoiser, torch.cat(blocks), first.timesteps, sources, job.check, **first.params)
+    out, _, _ = run_sampler(
+        job.blocks, first.spec.fn, model.denoiser, torch.cat(x_t), first.timesteps, sources, job.check, **first.params
+    )
     out = out.cpu().numpy()
     return [out[start : start + p.n] for start, p in zip(starts, plans, strict=True)]
 

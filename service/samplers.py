@@ -36,6 +36,8 @@ NoiseSources = Sequence[tuple[torch.Generator | None, int]]
 def randn(like: torch.Tensor, generator: torch.Generator | NoiseSources) -> torch.Tensor:
     if isinstance(generator, torch.Generator):
         return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    if hasattr(generator, "next_noise"):  # one block of a split run takes its rows of a whole draw (blocks.py)
+        return generator.next_noise(like)
     shape = like.shape[1:]
     return torch.cat(
         [
