@@ -25,8 +25,9 @@ import torch
 from service.denoiser import ROW_ALIGN
 from service.samplers import NoiseSources, Step, randn
 
-# Below this many rows per block, a split saves less than it costs to hand a block to another thread (measured
-# with bench/contention.py --blocks: n = 1,000 split in two is still faster; n = 256 is not worth a wake-up).
+# Smaller jobs run as one block on the calling thread. Below ~128-256 rows per block, per-op overhead (not
+# arithmetic) sets the time, so a split saves nothing (in-process, 2 cores: ddpm n = 100 ran ~4 ms split or not;
+# n = 1,000 in two blocks ~13 ms vs ~19 ms in one).
 MIN_BLOCK_ROWS = 256
 
 
