@@ -81,7 +81,7 @@ class BlockPool:
         self.threads = threads
         # torch.set_num_threads is per thread (OpenMP ICV, MKL's local setting): it must run in each worker.
         self._executor = ThreadPoolExecutor(
-            threads - 1, "swissroll-block", initializer=torch.set_num_threads, initargs=(1,)
+            max(1, threads - 1), "swissroll-block", initializer=torch.set_num_threads, initargs=(1,)
         )
 
     def run(

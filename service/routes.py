@@ -167,7 +167,7 @@ async def samplers(model: Model) -> list[dict]:
     ]
 
 
-@router.get("/model", summary="The loaded checkpoint: id, device, metadata", tags=["model"])
+@router.get("/model", summary="The loaded checkpoint: id, device, torch threads, metadata", tags=["model"])
 async def model_info(model: Model, request: Request) -> dict:
     return {
         "id": model.id,

@@ -1,6 +1,7 @@
 """Block-parallel CPU sampling: a seed's points are the same bits whatever the split, thread count or batch."""
 
 import threading
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -31,13 +32,21 @@ def pools():
     return {k: BlockPool(k) for k in (2, 3, 5)}
 
 
+@contextmanager
+def intra_op_threads(k: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(k)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
-    # The unsplit reference runs with one intra-op thread, as the brief's "alone with 1 thread".
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    # The unsplit reference runs with one intra-op thread: alone, single-threaded.
+    with intra_op_threads(1):
+        yield
 
 
 def job(blocks=None, deadline=float("inf")) -> Job:
@@ -58,10 +67,13 @@ def test_split_covers_the_rows_on_row_align_boundaries(rows, blocks):
 @pytest.mark.parametrize(
     ("name", "params"), [("ddpm", {}), ("dpmpp_2m", {}), ("ddpm_x0", {}), ("ddim", {"eta": 1.0}), ("ddim", {})]
 )
-def test_split_is_bit_identical_to_one_thread_alone(model, pools, one_thread, name, params):
-    # n = 1000 over 2, 3 and 5 blocks (1000 / 5 = 200 rows < MIN_BLOCK_ROWS: 3 blocks), frames and x0 included.
+@pytest.mark.parametrize("reference_threads", [1, 2])
+def test_split_is_bit_identical_to_the_unsplit_run(model, pools, name, params, reference_threads):
+    # n = 1000 over 2, 3 and 5 blocks (1000 / 5 = 200 rows < MIN_BLOCK_ROWS: 3 blocks), frames and x0 included,
+    # against one unsplit chain alone with 1 intra-op thread and with 2 (the old intra_op path).
     p = plan(model, SampleParams(n=1000, sampler=name, seed=11, **params))
-    alone = run_plan(model, p, job(), record=True, record_x0=True)
+    with intra_op_threads(reference_threads):
+        alone = run_plan(model, p, job(), record=True, record_x0=True)
     assert torch.equal(
         torch.from_numpy(alone[0]), sample(model.denoiser, name, 1000, torch.Generator().manual_seed(11), **params)
     )
