@@ -4,7 +4,7 @@ server, as a ratio to the same row's idle time, for the old intra-op path ("befo
 p99 at 16 and 64 clients for before and after, all in one run.
 
     python -m bench.contention            # ~15 min on 2 CPU cores; writes bench/results/contention.{json,md}
-    python -m bench.contention --quick    # ~2 min: n = 10,000, npy, all CPUs; prints, writes nothing
+    python -m bench.contention --quick    # ~3 min: n = 10,000, npy, all CPUs; prints (--write: writes them too)
 
 Busy processes are `while True: pass` loops started and stopped by the benchmark (each also stops itself after
 --busy-bound-s), always killed in a finally. Take the full run on an otherwise idle machine.
@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="n = 10,000, npy, all CPUs; print only")
     parser.add_argument("--busy-bound-s", type=float, default=900, help="each busy process stops itself after this")
     parser.add_argument("--no-load", action="store_true", help="skip the bench.load p99 comparison")
+    parser.add_argument("--write", action="store_true", help="with --quick: write the results files anyway")
     args = parser.parse_args()
     sizes = (10_000,) if args.quick else (1_000, 10_000, 100_000)
     formats = ("npy",) if args.quick else ("npy", "json")
@@ -161,12 +162,12 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "load_average_at_start": load_average,
-        "command": "python -m bench.contention" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python -m bench.contention", *sys.argv[1:]]),
         "rows": rows,
         "load": load,
     }
     print(markdown(results))
-    if not args.quick:
+    if not args.quick or args.write:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "contention.json").write_text(json.dumps(results, indent=2))
         (RESULTS / "contention.md").write_text(markdown(results))
