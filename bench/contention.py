@@ -136,13 +136,38 @@ def load_rows(variant: str, sizes) -> list[dict]:
     return rows
 
 
+def idle_ab(sizes) -> list[dict]:
+    """Idle latency, before vs after, with requests alternating between two servers: on a shared machine the
+    background load then drifts under both alike, which separate runs minutes apart cannot promise."""
+    rows = []
+    with server(VARIANTS[BEFORE], None) as before, server(VARIANTS[AFTER], None) as after, httpx.Client() as client:
+        for n in sizes:
+            for sampler, steps in SAMPLERS:
+                times = {BEFORE: [], AFTER: []}
+                for i in range(2 * repeats(n) + 1):
+                    pair = [(BEFORE, before), (AFTER, after)]
+                    for variant, s in pair if i % 2 else pair[::-1]:
+                        t0 = time.perf_counter()
+                        client.get(f"{s.url}/sample?n={n}&sampler={sampler}&steps={steps}&seed=1&format=npy")
+                        if i:  # the first round warms both up
+                            times[variant].append(time.perf_counter() - t0)
+                med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
+                rows.append({"n": n, "sampler": f"{sampler}@{steps}", "before_ms": med[BEFORE], "after_ms": med[AFTER]})
+                print(f"idle A/B n={n:>6} {sampler:9s} before {med[BEFORE]:8.1f} ms  after {med[AFTER]:8.1f} ms")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="n = 10,000, npy, all CPUs; print only")
     parser.add_argument("--busy-bound-s", type=float, default=900, help="each busy process stops itself after this")
     parser.add_argument("--no-load", action="store_true", help="skip the bench.load p99 comparison")
     parser.add_argument("--write", action="store_true", help="with --quick: write the results files anyway")
+    parser.add_argument("--idle-ab", action="store_true", help="only: idle before vs after, interleaved; prints")
     args = parser.parse_args()
+    if args.idle_ab:
+        idle_ab((1_000, 10_000) if args.quick else (1_000, 10_000, 100_000))
+        return
     sizes = (10_000,) if args.quick else (1_000, 10_000, 100_000)
     formats = ("npy",) if args.quick else ("npy", "json")
     cells = [(n, s, k, f) for n in sizes for s, k in SAMPLERS for f in formats]
