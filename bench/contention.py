@@ -140,7 +140,8 @@ def idle_ab(sizes) -> list[dict]:
     """Idle latency, before vs after, with requests alternating between two servers: on a shared machine the
     background load then drifts under both alike, which separate runs minutes apart cannot promise."""
     rows = []
-    with server(VARIANTS[BEFORE], None) as before, server(VARIANTS[AFTER], None) as after, httpx.Client() as client:
+    client = httpx.Client(timeout=REQUEST_TIMEOUT_S)
+    with server(VARIANTS[BEFORE], None) as before, server(VARIANTS[AFTER], None) as after, client:
         for n in sizes:
             for sampler, steps in SAMPLERS:
                 times = {BEFORE: [], AFTER: []}
