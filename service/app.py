@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import logging
-import os
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -19,8 +18,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.gzip import GZipMiddleware
 
 from service.batching import Batcher
+from service.blocks import MIN_BLOCK_ROWS, BlockPool
 from service.checkpoint import LoadedModel, load_model, resolve_device
 from service.compute import Cancelled, ComputeGate, DeadlineExceeded, Job, Overloaded
+from service.cpus import choose_threads
 from service.cuda_fast_path import CudaFastPath
 from service.encoding import json_response
 from service.graph_cache import GraphCache
@@ -38,16 +39,19 @@ GZIP_LEVEL = 5
 GZIP_EXCLUDED = ("video/*", "image/*", "audio/*", "application/x-npy", "application/gzip", "text/event-stream")
 
 
-def _warm_up(model: LoadedModel) -> None:
-    """One small run of every sampler: first-call costs (allocator, kernels) are paid before ready."""
+def _warm_up(model: LoadedModel, blocks: BlockPool | None) -> None:
+    """One small run of every sampler: first-call costs (allocator, kernels, block threads) are paid before ready."""
+    n = MIN_BLOCK_ROWS * blocks.threads if blocks is not None else 64  # big enough to reach every block thread
     for name in SAMPLERS:
-        p = plan(model, SampleParams(n=64, sampler=name, seed=0))
-        run_plan(model, p, Job(float("inf"), threading.Event()), record=True)
-        if model.fast_path is not None:
-            # Compile the fused kernel's tile sizes (triton_chain.block_rows) or capture the common graphs now,
-            # not in the first requests.
-            for n in (64, 20_000, 100_000):
-                model.fast_path.sample(p.spec, p.timesteps, p.params, [(torch.Generator(model.device), n)])
+        p = plan(model, SampleParams(n=n, sampler=name, seed=0))
+        run_plan(model, p, Job(float("inf"), threading.Event(), blocks), record=True)
+    if model.fast_path is not None:
+        # Compile the fused kernel's tile sizes (triton_chain.block_rows) or capture the common graphs now, not in
+        # the first requests.
+        for name in SAMPLERS:
+            p = plan(model, SampleParams(n=64, sampler=name, seed=0))
+            for rows in (64, 20_000, 100_000):
+                model.fast_path.sample(p.spec, p.timesteps, p.params, [(torch.Generator(model.device), rows)])
 
 
 def _with_fast_path(app: FastAPI, model: LoadedModel, settings: Settings) -> LoadedModel:
@@ -76,12 +80,12 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         if app.state.model.device.type == "cuda":
             app.state.model, _ = await gate.run(lambda _job: _with_fast_path(app, app.state.model, settings))
         if settings.warmup:
-            await gate.run(lambda _job: _warm_up(app.state.model))
+            await gate.run(lambda job: _warm_up(app.state.model, job.blocks))
         app.state.ready = True
-        model_info = {"model": app.state.model.id[:12], "device": str(app.state.model.device), "threads": threads}
+        model_info = {"model": app.state.model.id[:12], "device": str(app.state.model.device)}
         if app.state.model.fast_path is not None:
             model_info["cuda"] = app.state.model.fast_path.describe()
-        log.info(json.dumps({"event": "ready", **model_info}))
+        log.info(json.dumps({"event": "ready", **model_info, **app.state.threads}))
         yield
         app.state.ready = False
 
@@ -95,13 +99,19 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     app.state.ready = False
     if model is not None:
         app.state.model = model  # usable at once; ready only after the lifespan's warm-up
-    threads = settings.torch_threads or os.cpu_count() or 1
+    choice = choose_threads(settings.torch_threads)
+    blocks = BlockPool(choice.threads) if settings.cpu_parallel == "blocks" and choice.threads > 1 else None
+    app.state.threads = {**choice.describe(), "cpu_parallel": settings.cpu_parallel}
+    # Per compute thread: torch.set_num_threads only sets the calling thread's OpenMP and MKL counts (and the
+    # default of threads that have not run torch yet). With blocks, the compute thread runs one block itself.
+    intra_op = 1 if settings.cpu_parallel == "blocks" else choice.threads
     app.state.gate = ComputeGate(
         settings.max_concurrency,
         settings.max_queue,
         settings.request_timeout_s,
         settings.max_points_in_flight,
-        thread_init=lambda: torch.set_num_threads(threads),  # per compute thread: OpenMP settings are per thread
+        thread_init=lambda: torch.set_num_threads(intra_op),
+        blocks=blocks,
     )
     app.state.metrics = Metrics()
     app.state.batcher = (

@@ -18,6 +18,7 @@ import anyio
 import numpy as np
 import torch
 
+from service.blocks import run_sampler
 from service.checkpoint import LoadedModel
 from service.compute import ComputeGate, Job, Timing
 from service.denoiser import ROW_ALIGN
@@ -74,7 +75,9 @@ def run_batch(model: LoadedModel, plans: list[Plan], job: Job) -> list[np.ndarra
     else:
         # Each generator's first draw is its request's x_T, exactly as when the request runs alone.
         x = initial_noise(rows, sources, device)
-        out = first.spec.fn(model.denoiser, x, first.timesteps, sources, job.check, **first.params)
+        out, _, _ = run_sampler(
+            job.blocks, first.spec.fn, model.denoiser, x, first.timesteps, sources, job.check, **first.params
+        )
     out = out.cpu().numpy()
     return [out[start : start + p.n] for start, p in zip(starts, plans, strict=True)]
 

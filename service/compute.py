@@ -14,8 +14,12 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
+
+if TYPE_CHECKING:
+    from service.blocks import BlockPool
 
 
 class Overloaded(Exception):
@@ -38,6 +42,7 @@ class Job:
 
     deadline: float
     cancelled: threading.Event
+    blocks: "BlockPool | None" = None  # CPU sampling splits its rows over these threads; None: one chain here
 
     def check(self, *_args) -> None:
         if self.cancelled.is_set():
@@ -60,13 +65,16 @@ class ComputeGate:
         timeout_s: float,
         max_points: int = 2_000_000,
         thread_init: Callable[[], None] | None = None,
+        blocks: "BlockPool | None" = None,
     ):
         self.max_concurrency, self.max_queue, self.timeout_s = max_concurrency, max_queue, timeout_s
         self.max_points = max_points
+        self.blocks = blocks
         self.points_in_flight = 0
         self._slots = anyio.Semaphore(max_concurrency)
-        # All torch work runs on these long-lived threads, never on the event loop's thread: with a second thread
-        # launching OpenMP regions, libgomp throttles its spin-waits and CPU sampling runs ~2x slower (measured).
+        # All torch work runs on these long-lived threads (and the block threads they hand rows to), never on the
+        # event loop's thread: with a second thread launching OpenMP regions, libgomp throttles its spin-waits and
+        # CPU sampling on the intra_op path runs ~2x slower (measured).
         self._executor = ThreadPoolExecutor(
             max_concurrency, thread_name_prefix="swissroll-compute", initializer=thread_init
         )
@@ -111,7 +119,7 @@ class ComputeGate:
             self.waiting -= 1
         if scope.cancelled_caught:
             raise Overloaded(f"could not start within {self.timeout_s:g} s", self.retry_after_s())
-        job = Job(deadline, threading.Event())
+        job = Job(deadline, threading.Event(), self.blocks)
         self.running += 1
         began = time.monotonic()
         try:

@@ -260,12 +260,14 @@ async def samplers(model: Model) -> list[dict]:
     ]
 
 
-@router.get("/model", summary="The loaded checkpoint: id, device, metadata", tags=["model"])
-async def model_info(model: Model) -> dict:
+@router.get("/model", summary="The loaded checkpoint: id, device, torch threads, metadata", tags=["model"])
+async def model_info(model: Model, request: Request) -> dict:
     return {
         "id": model.id,
         "path": str(model.path),
         "device": str(model.device),
+        # torch threads, why that many (SWISSROLL_TORCH_THREADS, affinity mask or cgroup quota), and how a job uses them
+        "threads": request.app.state.threads,
         "num_timesteps": model.denoiser.num_timesteps,
         "prediction_type": model.denoiser.prediction_type,
         "cuda_fast_path": model.fast_path.describe() if model.fast_path is not None else None,

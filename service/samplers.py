@@ -38,6 +38,8 @@ def randn(like: torch.Tensor, generator: torch.Generator | NoiseSources | Callab
         return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
     if callable(generator):  # a noise source of its own, e.g. a captured graph's static buffer (cuda_fast_path)
         return generator(like)
+    if hasattr(generator, "next_noise"):  # one block of a split run takes its rows of a whole draw (blocks.py)
+        return generator.next_noise(like)
     shape = like.shape[1:]
     return torch.cat(
         [

@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from service.blocks import run_sampler
 from service.checkpoint import LoadedModel
 from service.compute import ComputeGate, Job, Timing
 from service.render import animation_mp4
 from service.samplers import (
     SamplerSpec,
-    Step,
     get_sampler,
     initial_noise,
     resolve_params,
@@ -80,19 +80,12 @@ def run_plan(model: LoadedModel, p: Plan, job: Job, record: bool = False, record
         x, noise, denoiser = model.fast_path.initial_state(p.spec, p.timesteps, p.params, [(generator, p.n)])
     else:
         x, noise, denoiser = initial_noise(p.n, generator, device), generator, model.denoiser
-    frames: list[torch.Tensor] = [x] if record else []
-    x0s: list[torch.Tensor] = []
-
-    def callback(step: Step) -> None:
-        job.check()  # deadline and client disconnect are honoured at every step boundary
-        if record:
-            frames.append(step.x)
-        if record_x0:
-            x0s.append(step.x0)
-
-    out = p.spec.fn(denoiser, x, p.timesteps, noise, callback, **p.params)
+    # job.check: deadline and client disconnect are honoured at every step boundary.
+    out, frames, x0s = run_sampler(
+        job.blocks, p.spec.fn, denoiser, x, p.timesteps, noise, job.check, record, record_x0, **p.params
+    )
     # One device->host copy per array, after all steps: no per-step synchronization.
-    stacked = torch.stack(frames).cpu().numpy() if record else None
+    stacked = torch.stack([x, *frames]).cpu().numpy() if record else None
     return out.cpu().numpy(), stacked, (torch.stack(x0s).cpu().numpy() if record_x0 else None)
 
 

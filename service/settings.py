@@ -14,9 +14,13 @@ class Settings(BaseSettings):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    # 0 = one intra-op thread per core. One sampling job at a time uses them all, so concurrent
-    # requests queue for the cores instead of oversubscribing them.
+    # 0 = one thread per CPU this process may use (affinity mask and cgroup quota, service/cpus.py). One
+    # sampling job at a time uses them all, so concurrent requests queue for the cores instead of oversubscribing.
     torch_threads: int = Field(0, ge=0, le=256)
+    # How a CPU job uses those threads. "blocks": rows split into independent blocks, one single-threaded
+    # sampler chain per thread (service/blocks.py); "intra_op": torch's own OpenMP threads inside every op, the
+    # old path, kept for comparison: it collapses when another process holds a core (bench/results/contention.md).
+    cpu_parallel: str = Field("blocks", pattern=r"^(blocks|intra_op)$", description="blocks or intra_op")
     max_concurrency: int = Field(1, ge=1, le=64, description="sampling jobs running at once")
     max_queue: int = Field(32, ge=0, le=10_000, description="jobs waiting for a slot; beyond it: 503")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline: 503 if not started, 504 if not done")

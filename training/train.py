@@ -12,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from service.checkpoint import parse_tuned_timesteps, resolve_device
+from service.cpus import threads_from_env
 from service.denoiser import Denoiser
 from training.data import load_swiss_roll
 from training.evaluate import fresh_real, quality_summary
@@ -95,6 +96,10 @@ def train(config: TrainConfig) -> dict:
     """Train, export the checkpoint to config.out, return the metadata it carries."""
     config.validate()
     device = resolve_device(config.device)
+    threads = threads_from_env()
+    if device.type == "cpu":
+        # torch's default is one thread per host core: in a 2-CPU container on a big host most would only wait.
+        torch.set_num_threads(threads.threads)
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     data = load_swiss_roll(config.n_samples, config.data_noise, config.data_seed, config.val_fraction)
@@ -166,6 +171,7 @@ def train(config: TrainConfig) -> dict:
             "loss_history": [[round(a, 5), round(b, 5)] for a, b in history],
             "seconds": round(seconds, 2),
             "device": str(device),
+            **({"threads": threads.describe()} if device.type == "cpu" else {}),
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
         },
