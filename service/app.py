@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -20,23 +20,66 @@ from service.batching import Batcher
 from service.checkpoint import LoadedModel, load_model, resolve_device
 from service.compute import Cancelled, ComputeGate, DeadlineExceeded, Job, Overloaded
 from service.encoding import json_response
+from service.http_limits import HeaderCountLimit
 from service.metrics import Metrics
 from service.routes import router
 from service.samplers import SAMPLERS, SamplerError
 from service.sampling import plan, run_plan
-from service.schemas import SampleParams, allowed_values
+from service.schemas import PARAMS_BY_PATH, SampleParams, allowed_values
 from service.settings import Settings
 from service.video_cache import VideoCache
 
 log = logging.getLogger("swissroll")
 STATIC_DIR = Path(__file__).parent / "static"
+# What error bodies and log lines echo of client input, at most (characters).
+ECHO_MAX = 100
+# Query parameter names never logged, whatever the route: anything that may carry a credential.
+SECRET_NAME_PARTS = ("key", "token", "secret", "pass", "auth", "credential", "session", "cookie", "signature")
+# CORS: what a browser page may send and read.
+CORS_ALLOW_HEADERS = ["Authorization", "Range", "If-None-Match", "If-Range"]
+CORS_EXPOSE_HEADERS = [
+    "X-Seed", "X-Model", "X-Elapsed-Ms", "X-Cache", "ETag", "Content-Range", "Accept-Ranges", "Content-Length",
+    "Content-Location", "Retry-After",
+]  # fmt: skip
 
 
-def _warm_up(model: LoadedModel) -> None:
-    """One small run of every sampler: first-call costs (allocator, kernels) are paid before ready."""
+def clip(value, limit: int = ECHO_MAX):
+    """A string (or the str() of anything else) cut to `limit` characters, saying how long it was."""
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def reject_repeated_params(request: Request) -> None:
+    """`?n=5&n=7` is ambiguous (FastAPI would take the last silently): 422 naming the parameter."""
+    seen, repeated = set(), []
+    for name, _ in request.query_params.multi_items():
+        if name in seen and name not in repeated:
+            repeated.append(name)
+        seen.add(name)
+    if repeated:
+        raise RequestValidationError(
+            [
+                {"loc": ("query", name), "msg": "parameter given more than once", "type": "repeated", "input": None}
+                for name in repeated
+            ]
+        )
+
+
+def _warm_up(model: LoadedModel) -> tuple[float, float]:
+    """One small run of every sampler: first-call costs (allocator, kernels) are paid before ready. Then one
+    small and one larger timed run: (seconds per job, seconds per point x network evaluation), to seed
+    admission control's estimate of how long a queue takes."""
     for name in SAMPLERS:
         p = plan(model, SampleParams(n=64, sampler=name, seed=0))
         run_plan(model, p, Job(float("inf"), threading.Event()), record=True)
+    seconds = []
+    for n in (64, 4096):
+        p = plan(model, SampleParams(n=n, sampler="ddpm", seed=0))
+        began = time.perf_counter()
+        run_plan(model, p, Job(float("inf"), threading.Event()))
+        seconds.append((time.perf_counter() - began, p.cost))
+    (small_s, _), (large_s, large_cost) = seconds
+    return small_s, max(0.0, large_s - small_s) / large_cost
 
 
 def create_app(settings: Settings | None = None, model: LoadedModel | None = None) -> FastAPI:
@@ -51,7 +94,8 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
                 lambda _job: load_model(settings.checkpoint, resolve_device(settings.device))
             )
         if settings.warmup:
-            await gate.run(lambda _job: _warm_up(app.state.model))
+            (job_s, unit_s), _ = await gate.run(lambda _job: _warm_up(app.state.model))
+            gate.calibrate(job_s, unit_s)
         app.state.ready = True
         model_info = {"model": app.state.model.id[:12], "device": str(app.state.model.device), "threads": threads}
         log.info(json.dumps({"event": "ready", **model_info}))
@@ -63,6 +107,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         version="0.1.0",
         description="Diffusion-model sampling of the 2D Swiss roll: points, trajectories and animations.",
         lifespan=lifespan,
+        dependencies=[Depends(reject_repeated_params)],
     )
     app.state.settings = settings
     app.state.ready = False
@@ -86,14 +131,17 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     app.include_router(router)
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     _install_error_handlers(app)
+    app.add_middleware(HeadAsGet)
     app.add_middleware(RequestLog, metrics=app.state.metrics)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET"],
-            expose_headers=["X-Seed", "X-Model", "X-Elapsed-Ms", "X-Cache", "Content-Range", "ETag"],
+            allow_methods=["GET", "HEAD"],
+            allow_headers=CORS_ALLOW_HEADERS,
+            expose_headers=CORS_EXPOSE_HEADERS,
         )
+    app.add_middleware(HeaderCountLimit, max_headers=settings.max_headers)  # outermost: before anything reads them
     return app
 
 
@@ -103,15 +151,21 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         # FastAPI's errors name the parameter; add what is allowed, so one reply is enough to fix the call.
+        # What is echoed of the client's input (names, values) is clipped: an error body stays small.
         errors = []
         for err in exc.errors():
-            err = {k: v for k, v in err.items() if k != "url"}
+            err = {k: v for k, v in err.items() if k not in ("url", "ctx")}
             name = err["loc"][-1] if err.get("loc") else None
             allowed = allowed_values(request.url.path, name) if isinstance(name, str) else None
+            shown = clip(name, 40) if isinstance(name, str) else name
             if err.get("type") == "extra_forbidden":
-                err["msg"] = f"unknown parameter {name!r}; valid parameters: {allowed}"
+                err["msg"] = f"unknown parameter {shown!r}; valid parameters: {allowed}"
             elif allowed and err.get("type") not in ("enum", "literal_error"):  # those already list them
-                err["msg"] = f"{name}: {err['msg']} (allowed: {allowed})"
+                err["msg"] = f"{shown}: {err['msg']} (allowed: {allowed})"
+            err["loc"] = [clip(part, 40) if isinstance(part, str) else part for part in err.get("loc", ())]
+            if "input" in err:
+                err["input"] = clip(err["input"]) if isinstance(err["input"], str) else None
+            err["msg"] = clip(err["msg"], 300)
             errors.append(err)
         return json_response({"detail": jsonable_encoder(errors)}, status_code=422)
 
@@ -173,9 +227,45 @@ class RequestLog:
             self.metrics.requests.labels(endpoint, sampler, str(status)).inc()
             self.metrics.latency.labels(endpoint, sampler).observe(seconds)
             if log.isEnabledFor(logging.INFO):
-                query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-                log.info(
-                    json.dumps(
-                        {"endpoint": scope["path"], "params": query, "status": status, "ms": round(seconds * 1000, 2)}
-                    )
-                )
+                line = {"endpoint": clip(scope["path"], 200), "method": scope["method"], "status": status}
+                line.update(logged_params(scope["path"], scope.get("query_string", b"")))
+                line["ms"] = round(seconds * 1000, 2)
+                log.info(json.dumps(line))
+
+
+def logged_params(path: str, query_string: bytes) -> dict:
+    """The route's own parameters, clipped; others are only counted (their names and values are the client's, and
+    may be credentials, e.g. ?api_key=...). Nothing named like a secret is logged, even if a route had it."""
+    known = PARAMS_BY_PATH.get(path)
+    names = known.model_fields if known else {}
+    params, unknown = {}, 0
+    for name, value in parse_qsl(query_string[:65_536].decode("latin-1"), keep_blank_values=True):
+        if name in names and not any(part in name.lower() for part in SECRET_NAME_PARTS):
+            params[name] = clip(value, 40)
+        else:
+            unknown += 1
+    out = {"params": params}
+    if unknown:
+        out["unknown_params"] = unknown
+    return out
+
+
+class HeadAsGet:
+    """HEAD on any GET route: the GET's status and headers (Content-Length included), no body (RFC 9110 9.3.2).
+    uvicorn omits a HEAD response's body itself; this also makes the app correct in-process."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def send_headers_only(message):
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)

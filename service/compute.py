@@ -4,6 +4,11 @@ Sampling runs in worker threads (never on the event loop). At most `max_concurre
 at most `max_queue` wait; anything beyond is refused at once (503 + Retry-After) rather than queued without
 bound. A job that cannot start before its deadline is refused (503); one that runs past it is abandoned at
 the next denoising step (504), as is one whose client went away.
+
+Admission looks ahead: each job declares its cost (points x network evaluations), and the gate keeps the recent
+compute time per unit of cost (and per job, for small jobs); a job whose queue ahead is not estimated to finish
+before its deadline is refused at once (503 + Retry-After) instead of waiting the whole deadline for that 503.
+On shutdown, `abort()` stops running jobs at their next step and refuses waiting ones (503, ShuttingDown).
 """
 
 import asyncio
@@ -24,6 +29,11 @@ class Overloaded(Exception):
         self.retry_after_s = retry_after_s
 
 
+class ShuttingDown(Overloaded):
+    def __init__(self):
+        super().__init__("server is shutting down", 5)
+
+
 class DeadlineExceeded(Exception):
     pass
 
@@ -32,14 +42,21 @@ class Cancelled(Exception):
     pass
 
 
+# Jobs of at least this cost (points x network evaluations) teach the per-unit time; smaller ones the per-job time.
+_LARGE_JOB_COST = 100_000
+
+
 @dataclass
 class Job:
     """Handed to the work function: call check() between steps to honour the deadline and cancellation."""
 
     deadline: float
     cancelled: threading.Event
+    aborted: threading.Event | None = None  # the gate's: set when the server's drain time is over
 
     def check(self, *_args) -> None:
+        if self.aborted is not None and self.aborted.is_set():
+            raise ShuttingDown
         if self.cancelled.is_set():
             raise Cancelled
         if time.monotonic() > self.deadline:
@@ -73,7 +90,12 @@ class ComputeGate:
         self.waiting = 0
         self.running = 0
         self.accepting = True
-        self._ewma_job_s = 0.1  # recent job duration, for an honest Retry-After
+        self.aborted = threading.Event()
+        # Recent compute time: per job (small jobs: fixed costs dominate) and per unit of cost (points x network
+        # evaluations) beyond that; together they estimate how long the queue ahead of a new job takes.
+        self._ewma_job_s = 0.1
+        self._ewma_unit_s = 0.0
+        self._cost_ahead = 0  # declared cost of the jobs waiting or running
 
     def call(self, fn: Callable, *args):
         """Run fn on a compute thread and wait (start-up work: loading the model, before the event loop)."""
@@ -90,28 +112,72 @@ class ComputeGate:
         finally:
             self.points_in_flight -= n
 
+    def queue_ahead_s(self) -> float:
+        """Estimated time until a job submitted now gets a compute slot (the work ahead, over the slots)."""
+        if self.waiting + self.running < self.max_concurrency:
+            return 0.0
+        jobs = self.waiting + self.running
+        return (jobs * self._ewma_job_s + self._cost_ahead * self._ewma_unit_s) / self.max_concurrency
+
     def retry_after_s(self) -> int:
-        backlog = (self.waiting + self.running) / self.max_concurrency
-        return max(1, math.ceil(backlog * self._ewma_job_s))
+        return max(1, math.ceil(self.queue_ahead_s()))
+
+    def calibrate(self, job_s: float, unit_s: float) -> None:
+        """Seed the estimates from measured runs (the warm-up), before any request has taught them."""
+        self._ewma_job_s, self._ewma_unit_s = job_s, unit_s
+
+    def abort(self) -> None:
+        """The drain time is over: running jobs stop at their next step, waiting ones are refused (503)."""
+        self.accepting = False
+        self.aborted.set()
+
+    def _learn(self, cost: int, compute_s: float) -> None:
+        if cost >= _LARGE_JOB_COST:
+            per_unit = max(0.0, compute_s - self._ewma_job_s) / cost
+            self._ewma_unit_s = per_unit if self._ewma_unit_s == 0 else 0.8 * self._ewma_unit_s + 0.2 * per_unit
+        else:
+            self._ewma_job_s = 0.8 * self._ewma_job_s + 0.2 * compute_s
 
     async def run(
-        self, work: Callable[[Job], object], is_disconnected: Callable[[], Awaitable[bool]] | None = None
+        self,
+        work: Callable[[Job], object],
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+        cost: int = 0,
     ) -> tuple[object, Timing]:
+        """cost: points x network evaluations of this job (0: unknown, counted as a small job)."""
         if not self.accepting:
-            raise Overloaded("server is shutting down", 5)
+            raise ShuttingDown
         if self.waiting >= self.max_queue and self._slots.value == 0:
             raise Overloaded(f"queue full ({self.max_queue} waiting)", self.retry_after_s())
+        ahead_s = self.queue_ahead_s()
+        if ahead_s > self.timeout_s:
+            raise Overloaded(
+                f"the queue ahead needs about {ahead_s:.1f} s, beyond the {self.timeout_s:g} s deadline",
+                self.retry_after_s(),
+            )
         start = time.monotonic()
         deadline = start + self.timeout_s
         self.waiting += 1
+        self._cost_ahead += cost
         try:
-            with anyio.move_on_after(self.timeout_s) as scope:
-                await self._slots.acquire()
+            try:
+                with anyio.move_on_after(self.timeout_s) as scope:
+                    await self._slots.acquire()
+            finally:
+                self.waiting -= 1
+            if scope.cancelled_caught:
+                raise Overloaded(f"could not start within {self.timeout_s:g} s", self.retry_after_s())
+            try:
+                return await self._run_in_slot(work, is_disconnected, cost, start, deadline)
+            finally:
+                self._slots.release()
         finally:
-            self.waiting -= 1
-        if scope.cancelled_caught:
-            raise Overloaded(f"could not start within {self.timeout_s:g} s", self.retry_after_s())
-        job = Job(deadline, threading.Event())
+            self._cost_ahead -= cost
+
+    async def _run_in_slot(self, work, is_disconnected, cost: int, start: float, deadline: float):
+        if self.aborted.is_set():
+            raise ShuttingDown
+        job = Job(deadline, threading.Event(), self.aborted)
         self.running += 1
         began = time.monotonic()
         try:
@@ -128,9 +194,8 @@ class ComputeGate:
                 raise error
         finally:
             self.running -= 1
-            self._slots.release()
         compute_s = time.monotonic() - began
-        self._ewma_job_s = 0.8 * self._ewma_job_s + 0.2 * compute_s
+        self._learn(cost, compute_s)
         return result, Timing(began - start, compute_s)
 
 

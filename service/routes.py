@@ -1,9 +1,10 @@
 """HTTP routes: validate, call, serialize. Nothing here does maths."""
 
 import hashlib
+from pathlib import PurePath
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.auth import require_api_key
@@ -41,6 +42,11 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 Cache = Annotated[VideoCache, Depends(get_video_cache)]
 
 router = APIRouter()
+
+# Declared so the API docs (and the schema fuzzer) know /animation reads them; ranged_response parses them.
+RangeHeader = Annotated[str | None, Header(alias="Range", description="bytes=first-last, bytes=first- or bytes=-N")]
+IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match", description="an ETag of this URL, or *")]
+IfRange = Annotated[str | None, Header(alias="If-Range", description="the ETag a Range is conditional on")]
 
 
 def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, timing: Timing) -> None:
@@ -117,6 +123,9 @@ async def animation(
     gate: Gate,
     metrics: MetricsDep,
     cache: Cache,
+    _range: RangeHeader = None,
+    _if_none_match: IfNoneMatch = None,
+    _if_range: IfRange = None,
 ) -> Response:
     p = plan(model, params)
     request.state.sampler = p.spec.name
@@ -124,6 +133,8 @@ async def animation(
     key = f"{model.id}|{p.spec.name}|{p.timesteps}|{p.params.get('eta')}|{p.seed}|{p.n}|{params.fps}|{size}"
     etag = f'"{hashlib.sha256(key.encode()).hexdigest()[:32]}"'
     headers = {"X-Seed": str(p.seed)}
+    if not_modified(request, None):  # "If-None-Match: *": this URL always has a representation; no need to render
+        return Response(status_code=304, headers=headers)
     if params.seed is None:
         # A drawn seed makes this URL's content differ per request: point at the reproducible one, never cache.
         headers["Content-Location"] = f"{request.url.path}?{request.url.query}&seed={p.seed}".replace("?&", "?")
@@ -167,15 +178,33 @@ async def samplers(model: Model) -> list[dict]:
     ]
 
 
-@router.get("/model", summary="The loaded checkpoint: id, device, metadata", tags=["model"])
+def without_paths(value):
+    """Metadata as served: any absolute path (e.g. where the trainer wrote the file) reduced to its file name."""
+    if isinstance(value, dict):
+        return {k: without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_paths(v) for v in value]
+    if isinstance(value, str) and (value.startswith(("/", "~", "\\\\")) or value[1:3] in (":\\", ":/")):
+        return PurePath(value.replace("\\", "/")).name
+    return value
+
+
+@router.get(
+    "/model",
+    dependencies=[Depends(require_api_key)],
+    summary="The loaded checkpoint: id, file name, device, metadata (needs the API key when keys are set)",
+    tags=["model"],
+)
 async def model_info(model: Model) -> dict:
+    # Behind the key when keys are set: the training environment (torch and Python versions, device) is not for
+    # anonymous callers. No absolute paths, ever: the file's name only.
     return {
         "id": model.id,
-        "path": str(model.path),
+        "file": model.path.name,
         "device": str(model.device),
         "num_timesteps": model.denoiser.num_timesteps,
         "prediction_type": model.denoiser.prediction_type,
-        "metadata": model.metadata,
+        "metadata": without_paths(model.metadata),
     }
 
 
