@@ -124,7 +124,7 @@ async def render_animation(
     def work(job: Job) -> bytes:
         _, frames, _ = run_plan(model, p, job, record=True)
         job.check()
-        return animation_mp4(frames, p.spec.name, p.timesteps, size, fps)
+        return animation_mp4(frames, p.spec.name, p.timesteps, size, fps, job.check)
 
     with gate.reserve_points(p.n):
         return await gate.run(work, is_disconnected, cost=p.cost)
