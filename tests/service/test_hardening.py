@@ -264,7 +264,8 @@ def test_05_sigterm_cancels_work_past_a_fractional_drain_with_503():
     assert "Traceback" not in log and "CancelledError" not in log
     # Drain time plus one step (a frame) plus process teardown; before the fix, 0.5 s was truncated to 0 and the
     # cut request got a 500.
-    assert exited_after < drain_s + 1.5, exited_after
+    print(f"exited {exited_after:.2f} s after SIGTERM (drain {drain_s} s)")
+    assert exited_after < drain_s + 1.0, exited_after
 
 
 # --- 6. empty API keys: tests/service/test_startup.py::test_api_keys_set_but_empty_refuse_to_start ------------
@@ -292,7 +293,7 @@ def test_07_log_keeps_known_params_clipped_and_never_secrets(client, caplog):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/samplers", "/model", "/sample?n=5&seed=1", "/"])
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/samplers", "/model", "/sample?n=5&seed=1&format=npy", "/"])
 def test_10_head_gives_the_get_headers_without_a_body(limited, path):
     get = httpx.get(f"{limited.url}{path}", timeout=10)
     head = httpx.head(f"{limited.url}{path}", timeout=10)
