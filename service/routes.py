@@ -43,6 +43,12 @@ Cache = Annotated[VideoCache, Depends(get_video_cache)]
 
 router = APIRouter()
 
+UNAUTHORIZED = {401: {"description": "missing or invalid API key (only when SWISSROLL_API_KEYS is set)"}}
+BUSY = {
+    503: {"description": "overloaded, or shutting down: retry after Retry-After seconds"},
+    504: {"description": "not finished within the request deadline"},
+}
+
 # Declared so the API docs (and the schema fuzzer) know /animation reads them; ranged_response parses them.
 RangeHeader = Annotated[str | None, Header(alias="Range", description="bytes=first-last, bytes=first- or bytes=-N")]
 IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match", description="an ETag of this URL, or *")]
@@ -60,7 +66,7 @@ def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, timing: Timin
     dependencies=[Depends(require_api_key)],
     summary="Sample points from the model",
     tags=["sampling"],
-    responses={200: {"content": {"application/x-npy": {}}}, 422: {}, 503: {}, 504: {}},
+    responses={200: {"content": {"application/x-npy": {}}}, 422: {}, **UNAUTHORIZED, **BUSY},
 )
 async def sample(
     params: Annotated[SampleParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
@@ -83,6 +89,7 @@ async def sample(
     dependencies=[Depends(require_api_key)],
     summary="Every intermediate state of one sampling run (for animation)",
     tags=["sampling"],
+    responses={**UNAUTHORIZED, **BUSY},
 )
 async def trajectory(
     params: Annotated[TrajectoryParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
@@ -114,6 +121,8 @@ async def trajectory(
         206: {"description": "partial content"},
         304: {"description": "not modified"},
         416: {"description": "range not satisfiable"},
+        **UNAUTHORIZED,
+        **BUSY,
     },
 )
 async def animation(
@@ -194,6 +203,7 @@ def without_paths(value):
     dependencies=[Depends(require_api_key)],
     summary="The loaded checkpoint: id, file name, device, metadata (needs the API key when keys are set)",
     tags=["model"],
+    responses=UNAUTHORIZED,
 )
 async def model_info(model: Model) -> dict:
     # Behind the key when keys are set: the training environment (torch and Python versions, device) is not for

@@ -227,9 +227,7 @@ def test_04_preflight_allows_the_headers_clients_need(locked, asked):
 
 
 def test_04_response_headers_are_exposed(locked):
-    r = locked.get(
-        "/sample?n=5", headers={"Origin": "https://app.example", "Authorization": f"Bearer {KEY}"}
-    )
+    r = locked.get("/sample?n=5", headers={"Origin": "https://app.example", "Authorization": f"Bearer {KEY}"})
     exposed = r.headers["access-control-expose-headers"].lower()
     for h in ("x-seed", "etag", "content-range", "accept-ranges"):
         assert h in exposed
