@@ -413,3 +413,12 @@ def test_17_live_estimate_over_http(tiny_checkpoint):
             gate.running, gate.waiting = 0, 0
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 2 and time.monotonic() - began < 0.5
         assert "queue ahead" in r.json()["detail"]
+
+
+def test_every_setting_is_documented_in_the_readme():
+    from service.settings import Settings
+    from tests.service.live_server import REPO
+
+    readme = (REPO / "README.md").read_text()
+    rows = {name for name in Settings.model_fields if f"`SWISSROLL_{name.upper()}`" in readme}
+    assert rows == set(Settings.model_fields), set(Settings.model_fields) - rows
