@@ -143,7 +143,7 @@ async def animation(
     etag = f'"{hashlib.sha256(key.encode()).hexdigest()[:32]}"'
     headers = {"X-Seed": str(p.seed)}
     if not_modified(request, None):  # "If-None-Match: *": this URL always has a representation; no need to render
-        return Response(status_code=304, headers=headers)
+        return Response(status_code=304, headers=headers if params.seed is not None else {})
     if params.seed is None:
         # A drawn seed makes this URL's content differ per request: point at the reproducible one, never cache.
         headers["Content-Location"] = f"{request.url.path}?{request.url.query}&seed={p.seed}".replace("?&", "?")
