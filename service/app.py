@@ -65,21 +65,15 @@ def reject_repeated_params(request: Request) -> None:
         )
 
 
-def _warm_up(model: LoadedModel) -> tuple[float, float]:
-    """One small run of every sampler: first-call costs (allocator, kernels) are paid before ready. Then one
-    small and one larger timed run: (seconds per job, seconds per point x network evaluation), to seed
-    admission control's estimate of how long a queue takes."""
+def _warm_up(model: LoadedModel) -> float:
+    """One small run of every sampler: first-call costs (allocator, kernels) are paid before ready. Returns the
+    time of one more small (default) run: admission control's first estimate of a job's time."""
     for name in SAMPLERS:
         p = plan(model, SampleParams(n=64, sampler=name, seed=0))
         run_plan(model, p, Job(float("inf"), threading.Event()), record=True)
-    seconds = []
-    for n in (64, 4096):
-        p = plan(model, SampleParams(n=n, sampler="ddpm", seed=0))
-        began = time.perf_counter()
-        run_plan(model, p, Job(float("inf"), threading.Event()))
-        seconds.append((time.perf_counter() - began, p.cost))
-    (small_s, _), (large_s, large_cost) = seconds
-    return small_s, max(0.0, large_s - small_s) / large_cost
+    began = time.perf_counter()
+    run_plan(model, plan(model, SampleParams(n=64, seed=0)), Job(float("inf"), threading.Event()))
+    return time.perf_counter() - began
 
 
 def create_app(settings: Settings | None = None, model: LoadedModel | None = None) -> FastAPI:
@@ -94,8 +88,8 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
                 lambda _job: load_model(settings.checkpoint, resolve_device(settings.device))
             )
         if settings.warmup:
-            (job_s, unit_s), _ = await gate.run(lambda _job: _warm_up(app.state.model))
-            gate.calibrate(job_s, unit_s)
+            job_s, _ = await gate.run(lambda _job: _warm_up(app.state.model))
+            gate.calibrate(job_s)
         app.state.ready = True
         model_info = {"model": app.state.model.id[:12], "device": str(app.state.model.device), "threads": threads}
         log.info(json.dumps({"event": "ready", **model_info}))

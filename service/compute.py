@@ -6,8 +6,10 @@ bound. A job that cannot start before its deadline is refused (503); one that ru
 the next denoising step (504), as is one whose client went away.
 
 Admission looks ahead: each job declares its cost (points x network evaluations), and the gate keeps the recent
-compute time per unit of cost (and per job, for small jobs); a job whose queue ahead is not estimated to finish
-before its deadline is refused at once (503 + Retry-After) instead of waiting the whole deadline for that 503.
+compute time per job and per unit of cost beyond that (learned from finished jobs). A job whose queue ahead
+(the rest of the running jobs, then the waiting ones ahead of it) is not estimated to finish before its deadline
+is refused at once (503 + Retry-After); a waiting job re-checks this every 0.25 s, so it too is refused as soon as
+the estimate says it cannot start in time, instead of waiting its whole deadline for that 503.
 On shutdown, `abort()` stops running jobs at their next step and refuses waiting ones (503, ShuttingDown).
 """
 
@@ -44,6 +46,7 @@ class Cancelled(Exception):
 
 # Jobs of at least this cost (points x network evaluations) teach the per-unit time; smaller ones the per-job time.
 _LARGE_JOB_COST = 100_000
+_RECHECK_S = 0.25  # how often a waiting job re-checks whether it can still start before its deadline
 
 
 @dataclass
@@ -94,8 +97,9 @@ class ComputeGate:
         # Recent compute time: per job (small jobs: fixed costs dominate) and per unit of cost (points x network
         # evaluations) beyond that; together they estimate how long the queue ahead of a new job takes.
         self._ewma_job_s = 0.1
-        self._ewma_unit_s = 0.0
-        self._cost_ahead = 0  # declared cost of the jobs waiting or running
+        self._ewma_unit_s = 0.0  # unknown until a large job has finished: then only per-job times count
+        self._queue: list[list[int]] = []  # the waiting jobs' [cost], in arrival order (the slots are FIFO)
+        self._started: dict[object, tuple[float, int]] = {}  # running jobs: (began, cost)
 
     def call(self, fn: Callable, *args):
         """Run fn on a compute thread and wait (start-up work: loading the model, before the event loop)."""
@@ -112,19 +116,26 @@ class ComputeGate:
         finally:
             self.points_in_flight -= n
 
-    def queue_ahead_s(self) -> float:
-        """Estimated time until a job submitted now gets a compute slot (the work ahead, over the slots)."""
-        if self.waiting + self.running < self.max_concurrency:
+    def estimate_s(self, cost: int) -> float:
+        """Recent compute time of a job of this cost."""
+        return self._ewma_job_s + cost * self._ewma_unit_s
+
+    def queue_ahead_s(self, waiting_ahead: list[list[int]] | None = None) -> float:
+        """Estimated time until a job gets a compute slot: what is left of the running jobs plus the waiting jobs
+        ahead of it (all of them for a job submitted now), over the slots."""
+        ahead = self._queue if waiting_ahead is None else waiting_ahead
+        if len(self._started) + len(ahead) < self.max_concurrency:
             return 0.0
-        jobs = self.waiting + self.running
-        return (jobs * self._ewma_job_s + self._cost_ahead * self._ewma_unit_s) / self.max_concurrency
+        now = time.monotonic()
+        running = sum(max(0.0, self.estimate_s(cost) - (now - began)) for began, cost in self._started.values())
+        return (running + sum(self.estimate_s(e[0]) for e in ahead)) / self.max_concurrency
 
     def retry_after_s(self) -> int:
         return max(1, math.ceil(self.queue_ahead_s()))
 
-    def calibrate(self, job_s: float, unit_s: float) -> None:
-        """Seed the estimates from measured runs (the warm-up), before any request has taught them."""
-        self._ewma_job_s, self._ewma_unit_s = job_s, unit_s
+    def calibrate(self, job_s: float) -> None:
+        """Seed the per-job time from a measured small run (the warm-up), before any request has taught it."""
+        self._ewma_job_s = job_s
 
     def abort(self) -> None:
         """The drain time is over: running jobs stop at their next step, waiting ones are refused (503)."""
@@ -134,7 +145,7 @@ class ComputeGate:
     def _learn(self, cost: int, compute_s: float) -> None:
         if cost >= _LARGE_JOB_COST:
             per_unit = max(0.0, compute_s - self._ewma_job_s) / cost
-            self._ewma_unit_s = per_unit if self._ewma_unit_s == 0 else 0.8 * self._ewma_unit_s + 0.2 * per_unit
+            self._ewma_unit_s = per_unit if self._ewma_unit_s == 0 else 0.5 * self._ewma_unit_s + 0.5 * per_unit
         else:
             self._ewma_job_s = 0.8 * self._ewma_job_s + 0.2 * compute_s
 
@@ -157,22 +168,40 @@ class ComputeGate:
             )
         start = time.monotonic()
         deadline = start + self.timeout_s
+        entry, hopeless, acquired = [cost], [], False
         self.waiting += 1
-        self._cost_ahead += cost
+        self._queue.append(entry)
         try:
-            try:
-                with anyio.move_on_after(self.timeout_s) as scope:
-                    await self._slots.acquire()
-            finally:
-                self.waiting -= 1
-            if scope.cancelled_caught:
-                raise Overloaded(f"could not start within {self.timeout_s:g} s", self.retry_after_s())
-            try:
-                return await self._run_in_slot(work, is_disconnected, cost, start, deadline)
-            finally:
-                self._slots.release()
+            with anyio.move_on_after(self.timeout_s):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._recheck_while_waiting, entry, deadline, tg.cancel_scope, hopeless)
+                    await self._slots.acquire()  # not re-entered: the job keeps its place in the FIFO
+                    acquired = True
+                    tg.cancel_scope.cancel()
         finally:
-            self._cost_ahead -= cost
+            self.waiting -= 1
+            self._queue.remove(entry)
+        if not acquired:
+            if hopeless:
+                raise Overloaded(
+                    f"the queue ahead needs about {hopeless[0]:.1f} s more, beyond this request's deadline",
+                    self.retry_after_s(),
+                )
+            raise Overloaded(f"could not start within {self.timeout_s:g} s", self.retry_after_s())
+        try:
+            return await self._run_in_slot(work, is_disconnected, cost, start, deadline)
+        finally:
+            self._slots.release()
+
+    async def _recheck_while_waiting(self, entry: list[int], deadline: float, scope, hopeless: list) -> None:
+        while True:
+            await anyio.sleep(_RECHECK_S)
+            ahead = self._queue[: next(i for i, e in enumerate(self._queue) if e is entry)]
+            ahead_s = self.queue_ahead_s(ahead)
+            if ahead_s > deadline - time.monotonic():
+                hopeless.append(ahead_s)
+                scope.cancel()
+                return
 
     async def _run_in_slot(self, work, is_disconnected, cost: int, start: float, deadline: float):
         if self.aborted.is_set():
@@ -180,6 +209,8 @@ class ComputeGate:
         job = Job(deadline, threading.Event(), self.aborted)
         self.running += 1
         began = time.monotonic()
+        token = object()
+        self._started[token] = (began, cost)
         try:
             error: Exception | None = None
             async with anyio.create_task_group() as tg:
@@ -194,6 +225,7 @@ class ComputeGate:
                 raise error
         finally:
             self.running -= 1
+            del self._started[token]
         compute_s = time.monotonic() - began
         self._learn(cost, compute_s)
         return result, Timing(began - start, compute_s)

@@ -374,20 +374,22 @@ def test_15_non_ascii_key_sent_as_utf8_matches(locked):
 def test_17_queue_that_cannot_finish_in_time_is_refused_at_admission():
     async def main():
         gate = ComputeGate(max_concurrency=1, max_queue=100, timeout_s=2)
-        gate.calibrate(job_s=0.01, unit_s=1e-6)  # 1 µs per point x step
+        gate.calibrate(0.01)
+        # One finished large job teaches the per-unit time: ~0.3 s for 1,000,000 units (points x evaluations).
+        await gate.run(lambda job: time.sleep(0.3), cost=1_000_000)
         release = threading.Event()
         results = []
 
         async def submit(cost):
             began = time.monotonic()
             try:
-                await gate.run(lambda job: release.wait(3), cost=cost)
+                await gate.run(lambda job: release.wait(5), cost=cost)
                 results.append(("ok", time.monotonic() - began))
             except Overloaded as e:
-                results.append((f"503 retry-after {e.retry_after_s}", time.monotonic() - began))
+                results.append((f"503 {e.retry_after_s} {e}", time.monotonic() - began))
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(submit, 4_000_000)  # ~4 s by the estimate: beyond the 2 s deadline of anything behind it
+            tg.start_soon(submit, 20_000_000)  # ~6 s by the estimate: beyond the 2 s deadline of anything behind it
             await anyio.sleep(0.05)
             tg.start_soon(submit, 10)
             await anyio.sleep(0.2)
@@ -397,21 +399,60 @@ def test_17_queue_that_cannot_finish_in_time_is_refused_at_admission():
     results = anyio.run(main)
     refused = [r for r in results if r[0].startswith("503")]
     assert len(refused) == 1 and refused[0][1] < 0.1, results  # at once, not after the 2 s deadline
-    assert int(refused[0][0].rsplit(" ", 1)[1]) >= 3
+    assert int(refused[0][0].split()[1]) >= 5 and "queue ahead" in refused[0][0]
+
+
+def test_17_a_waiting_job_is_refused_as_soon_as_it_cannot_start_in_time():
+    # Nothing learned yet at admission (both jobs behind the first are admitted); once the first large job has
+    # finished, the estimate says the second takes ~5 s: the third, waiting behind it, is refused then, not at 2 s.
+    async def main():
+        gate = ComputeGate(max_concurrency=1, max_queue=100, timeout_s=2)
+        gate.calibrate(0.01)
+        release = threading.Event()
+        results = {}
+
+        async def submit(name, cost, work):
+            began = time.monotonic()
+            try:
+                await gate.run(work, cost=cost)
+                results[name] = ("ok", time.monotonic() - began)
+            except Overloaded as e:
+                results[name] = (f"503 {e}", time.monotonic() - began)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(submit, "first", 1_000_000, lambda job: time.sleep(0.4))
+            await anyio.sleep(0.05)
+            tg.start_soon(submit, "second", 12_000_000, lambda job: release.wait(5))
+            await anyio.sleep(0.05)
+            tg.start_soon(submit, "third", 10, lambda job: None)
+            await anyio.sleep(1.2)
+            release.set()
+        return results
+
+    results = anyio.run(main)
+    assert results["first"][0] == "ok" and results["second"][0] == "ok"
+    verdict, waited = results["third"]
+    assert verdict.startswith("503") and "queue ahead" in verdict, results
+    assert 0.3 < waited < 1.0, results  # refused once the first job taught the rate, well before its 2 s deadline
 
 
 def test_17_live_estimate_over_http(tiny_checkpoint):
     settings = make_settings(tiny_checkpoint, request_timeout_s=1, batching=False)
     with TestClient(create_app(settings)) as c:
         gate = c.app.state.gate
-        gate.calibrate(job_s=0.5, unit_s=0.0)
-        gate.running, gate.waiting = 1, 2  # three jobs ahead at 0.5 s each: 1.5 s > the 1 s deadline
+        gate.calibrate(0.5)
+        # As if one job were running and two waiting, 0.5 s each: 1.5 s ahead, beyond the 1 s deadline.
+        fake_running, fake_waiting = object(), [[0], [0]]
+        gate._started[fake_running] = (time.monotonic(), 0)
+        gate._queue.extend(fake_waiting)
         try:
             began = time.monotonic()
             r = c.get("/sample?n=5")
         finally:
-            gate.running, gate.waiting = 0, 0
-        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 2 and time.monotonic() - began < 0.5
+            del gate._started[fake_running]
+            for e in fake_waiting:
+                gate._queue.remove(e)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and time.monotonic() - began < 0.5
         assert "queue ahead" in r.json()["detail"]
 
 
