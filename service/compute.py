@@ -49,6 +49,15 @@ _LARGE_JOB_COST = 100_000
 _RECHECK_S = 0.25  # how often a waiting job re-checks whether it can still start before its deadline
 
 
+class _Waiting:
+    """A job waiting for a slot. Compared by identity: two waiting jobs of the same cost are different jobs."""
+
+    __slots__ = ("cost",)
+
+    def __init__(self, cost: int):
+        self.cost = cost
+
+
 @dataclass
 class Job:
     """Handed to the work function: call check() between steps to honour the deadline and cancellation."""
@@ -98,7 +107,7 @@ class ComputeGate:
         # evaluations) beyond that; together they estimate how long the queue ahead of a new job takes.
         self._ewma_job_s = 0.1
         self._ewma_unit_s = 0.0  # unknown until a large job has finished: then only per-job times count
-        self._queue: list[list[int]] = []  # the waiting jobs' [cost], in arrival order (the slots are FIFO)
+        self._queue: list[_Waiting] = []  # the waiting jobs, in arrival order (the slots are FIFO)
         self._started: dict[object, tuple[float, int]] = {}  # running jobs: (began, cost)
 
     def call(self, fn: Callable, *args):
@@ -120,7 +129,7 @@ class ComputeGate:
         """Recent compute time of a job of this cost."""
         return self._ewma_job_s + cost * self._ewma_unit_s
 
-    def queue_ahead_s(self, waiting_ahead: list[list[int]] | None = None) -> float:
+    def queue_ahead_s(self, waiting_ahead: "list[_Waiting] | None" = None) -> float:
         """Estimated time until a job gets a compute slot: what is left of the running jobs plus the waiting jobs
         ahead of it (all of them for a job submitted now), over the slots."""
         ahead = self._queue if waiting_ahead is None else waiting_ahead
@@ -128,7 +137,7 @@ class ComputeGate:
             return 0.0
         now = time.monotonic()
         running = sum(max(0.0, self.estimate_s(cost) - (now - began)) for began, cost in self._started.values())
-        return (running + sum(self.estimate_s(e[0]) for e in ahead)) / self.max_concurrency
+        return (running + sum(self.estimate_s(w.cost) for w in ahead)) / self.max_concurrency
 
     def retry_after_s(self) -> int:
         return max(1, math.ceil(self.queue_ahead_s()))
@@ -168,7 +177,7 @@ class ComputeGate:
             )
         start = time.monotonic()
         deadline = start + self.timeout_s
-        entry, hopeless, acquired = [cost], [], False
+        entry, hopeless, acquired = _Waiting(cost), [], False
         self.waiting += 1
         self._queue.append(entry)
         try:
@@ -193,10 +202,12 @@ class ComputeGate:
         finally:
             self._slots.release()
 
-    async def _recheck_while_waiting(self, entry: list[int], deadline: float, scope, hopeless: list) -> None:
+    async def _recheck_while_waiting(self, entry: "_Waiting", deadline: float, scope, hopeless: list) -> None:
         while True:
             await anyio.sleep(_RECHECK_S)
-            ahead = self._queue[: next(i for i, e in enumerate(self._queue) if e is entry)]
+            if entry not in self._queue:
+                return
+            ahead = self._queue[: self._queue.index(entry)]
             ahead_s = self.queue_ahead_s(ahead)
             if ahead_s > deadline - time.monotonic():
                 hopeless.append(ahead_s)

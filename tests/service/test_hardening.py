@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.compute import ComputeGate, Overloaded
+from service.compute import ComputeGate, Overloaded, _Waiting
 from tests.service.conftest import make_settings, write_tiny_checkpoint
 from tests.service.live_server import LiveServer
 
@@ -436,13 +436,31 @@ def test_17_a_waiting_job_is_refused_as_soon_as_it_cannot_start_in_time():
     assert 0.3 < waited < 1.0, results  # refused once the first job taught the rate, well before its 2 s deadline
 
 
+def test_17_waiting_jobs_of_equal_cost_are_distinct():
+    # Regression: the queue is kept by identity; equal-cost waiters once removed each other's entries (500s).
+    async def main():
+        gate = ComputeGate(max_concurrency=1, max_queue=100, timeout_s=5)
+        done = []
+
+        async def submit():
+            await gate.run(lambda job: time.sleep(0.05), cost=500)
+            done.append(1)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(submit)
+        return done
+
+    assert len(anyio.run(main)) == 8
+
+
 def test_17_live_estimate_over_http(tiny_checkpoint):
     settings = make_settings(tiny_checkpoint, request_timeout_s=1, batching=False)
     with TestClient(create_app(settings)) as c:
         gate = c.app.state.gate
         gate.calibrate(0.5)
         # As if one job were running and two waiting, 0.5 s each: 1.5 s ahead, beyond the 1 s deadline.
-        fake_running, fake_waiting = object(), [[0], [0]]
+        fake_running, fake_waiting = object(), [_Waiting(0), _Waiting(0)]
         gate._started[fake_running] = (time.monotonic(), 0)
         gate._queue.extend(fake_waiting)
         try:
