@@ -7,7 +7,7 @@ the network itself (the schedule buffer, T, the tuned schedules' levels) is chec
 
 import json
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
@@ -78,11 +78,6 @@ class CheckpointMetadata(_Open):
         if v not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {v!r} not one of {PREDICTION_TYPES}")
         return v
-
-
-REQUIRED = tuple(name for name, f in CheckpointMetadata.model_fields.items() if f.is_required())
-KEYS = tuple(CheckpointMetadata.model_fields)
-PredictionType = Literal[PREDICTION_TYPES]  # for documentation: the values prediction_type may take
 
 
 def depth(value: Any, limit: int = MAX_DEPTH) -> int:
