@@ -133,7 +133,8 @@ class Batcher:
         # Shielded: the leader's own client leaving must not cancel the work its batch-mates wait for.
         with anyio.CancelScope(shield=True):
             try:
-                batch.results, batch.timing = await self.gate.run(work, all_gone)
+                cost = batch.points * batch.plans[0].steps  # members joining later ride along uncounted
+                batch.results, batch.timing = await self.gate.run(work, all_gone, cost=cost)
                 self.metrics.batch_points.observe(batch.points)
                 self.metrics.batch_requests.observe(len(batch.plans))
             except Exception as e:  # delivered to every member

@@ -1,7 +1,6 @@
 """Loads a checkpoint file and checks it honours the contract in checkpoints/README.md."""
 
 import hashlib
-import json
 import math
 import warnings
 from contextlib import contextmanager
@@ -11,11 +10,9 @@ from typing import Any
 
 import torch
 
-from service.denoiser import PREDICTION_TYPES, Denoiser
+from service.checkpoint_schema import parse_metadata
+from service.denoiser import Denoiser
 from service.samplers import SAMPLERS
-
-SUPPORTED_FORMAT_VERSIONS = (1,)
-REQUIRED_METADATA = ("format_version", "num_timesteps", "schedule", "prediction_type", "data", "training")
 
 
 class CheckpointError(Exception):
@@ -78,26 +75,16 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(path, f"not a readable TorchScript archive (truncated or corrupt?): {first_line}") from e
     try:
-        metadata = json.loads(extra["metadata.json"])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(path, f"metadata.json is missing or not JSON ({e.msg})") from e
-    missing = [k for k in REQUIRED_METADATA if k not in metadata]
-    if missing:
-        raise CheckpointError(path, f"metadata.json lacks {', '.join(missing)}")
-    if metadata["format_version"] not in SUPPORTED_FORMAT_VERSIONS:
-        raise CheckpointError(
-            path,
-            f"format_version {metadata['format_version']} unsupported (this service reads {SUPPORTED_FORMAT_VERSIONS})",
-        )
-    if metadata["prediction_type"] not in PREDICTION_TYPES:
-        raise CheckpointError(path, f"prediction_type {metadata['prediction_type']!r} not one of {PREDICTION_TYPES}")
-    alphas_cumprod = _check_schedule(path, net, metadata["num_timesteps"])
+        metadata, checked = parse_metadata(extra["metadata.json"])  # every type, one schema
+    except ValueError as e:
+        raise CheckpointError(path, str(e)) from None
+    alphas_cumprod = _check_schedule(path, net, checked.num_timesteps)
     _check_forward(path, net, len(alphas_cumprod), device)
     try:
-        tuned = parse_tuned_timesteps(metadata.get("tuned_timesteps", {}), len(alphas_cumprod))
+        tuned = parse_tuned_timesteps(checked.tuned_timesteps, len(alphas_cumprod))
     except ValueError as e:
         raise CheckpointError(path, str(e)) from e
-    denoiser = Denoiser(net, alphas_cumprod, metadata["prediction_type"], device, tuned)
+    denoiser = Denoiser(net, alphas_cumprod, checked.prediction_type, device, tuned)
     return LoadedModel(denoiser, metadata, _sha256(path), path, device)
 
 

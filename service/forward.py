@@ -74,7 +74,7 @@ async def render_forward_animation(
     def work(job: Job) -> bytes:
         frames = forward_frames(model, p, job)
         job.check()
-        return captioned_mp4(frames, forward_captions(p.levels), size, fps)
+        return captioned_mp4(frames, forward_captions(p.levels), size, fps, job.check)
 
     with gate.reserve_points(p.n):
         return await gate.run(work, is_disconnected)

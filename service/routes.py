@@ -1,10 +1,11 @@
 """HTTP routes: validate, call, serialize. Nothing here does maths."""
 
 import hashlib
+from pathlib import PurePath
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.auth import require_api_key
@@ -45,6 +46,17 @@ Cache = Annotated[VideoCache, Depends(get_video_cache)]
 
 router = APIRouter()
 
+UNAUTHORIZED = {401: {"description": "missing or invalid API key (only when SWISSROLL_API_KEYS is set)"}}
+BUSY = {
+    503: {"description": "overloaded, or shutting down: retry after Retry-After seconds"},
+    504: {"description": "not finished within the request deadline"},
+}
+
+# Declared so the API docs (and the schema fuzzer) know /animation reads them; ranged_response parses them.
+RangeHeader = Annotated[str | None, Header(alias="Range", description="bytes=first-last, bytes=first- or bytes=-N")]
+IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match", description="an ETag of this URL, or *")]
+IfRange = Annotated[str | None, Header(alias="If-Range", description="the ETag a Range is conditional on")]
+
 
 def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, timing: Timing) -> None:
     metrics.points.labels(sampler).inc(n)
@@ -57,7 +69,7 @@ def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, timing: Timin
     dependencies=[Depends(require_api_key)],
     summary="Sample points from the model",
     tags=["sampling"],
-    responses={200: {"content": {"application/x-npy": {}}}, 422: {}, 503: {}, 504: {}},
+    responses={200: {"content": {"application/x-npy": {}}}, 422: {}, **UNAUTHORIZED, **BUSY},
 )
 async def sample(
     params: Annotated[SampleParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
@@ -80,7 +92,7 @@ async def sample(
     dependencies=[Depends(require_api_key)],
     summary="Every intermediate state of one sampling run (for animation)",
     tags=["sampling"],
-    responses={200: {"content": {"application/x-npy": {}}}},
+    responses={200: {"content": {"application/x-npy": {}}}, **UNAUTHORIZED, **BUSY},
 )
 async def trajectory(
     params: Annotated[TrajectoryParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
@@ -126,6 +138,8 @@ async def trajectory(
         206: {"description": "partial content"},
         304: {"description": "not modified"},
         416: {"description": "range not satisfiable"},
+        **UNAUTHORIZED,
+        **BUSY,
     },
 )
 async def animation(
@@ -135,6 +149,9 @@ async def animation(
     gate: Gate,
     metrics: MetricsDep,
     cache: Cache,
+    _range: RangeHeader = None,
+    _if_none_match: IfNoneMatch = None,
+    _if_range: IfRange = None,
 ) -> Response:
     size = even(params.size)
     if params.process == "forward":
@@ -152,6 +169,8 @@ async def animation(
         seed = p.seed
     etag = f'"{hashlib.sha256(key.encode()).hexdigest()[:32]}"'
     headers = {"X-Seed": str(seed)}
+    if not_modified(request, None):  # "If-None-Match: *": this URL always has a representation; no need to render
+        return Response(status_code=304, headers=headers if params.seed is not None else {})
     if params.seed is None:
         # A drawn seed makes this URL's content differ per request: point at the reproducible one, never cache.
         headers["Content-Location"] = f"{request.url.path}?{request.url.query}&seed={seed}".replace("?&", "?")
@@ -260,18 +279,37 @@ async def samplers(model: Model) -> list[dict]:
     ]
 
 
-@router.get("/model", summary="The loaded checkpoint: id, device, torch threads, metadata", tags=["model"])
+def without_paths(value):
+    """Metadata as served: any absolute path (e.g. where the trainer wrote the file) reduced to its file name."""
+    if isinstance(value, dict):
+        return {k: without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_paths(v) for v in value]
+    if isinstance(value, str) and (value.startswith(("/", "~", "\\\\")) or value[1:3] in (":\\", ":/")):
+        return PurePath(value.replace("\\", "/")).name
+    return value
+
+
+@router.get(
+    "/model",
+    dependencies=[Depends(require_api_key)],
+    summary="The loaded checkpoint: id, file name, device, metadata (needs the API key when keys are set)",
+    tags=["model"],
+    responses=UNAUTHORIZED,
+)
 async def model_info(model: Model, request: Request) -> dict:
+    # Behind the key when keys are set: the training environment (torch and Python versions, device) is not for
+    # anonymous callers. No absolute paths, ever: the file's name only.
     return {
         "id": model.id,
-        "path": str(model.path),
+        "file": model.path.name,
         "device": str(model.device),
         # torch threads, why that many (SWISSROLL_TORCH_THREADS, affinity mask or cgroup quota), and how a job uses them
         "threads": request.app.state.threads,
         "num_timesteps": model.denoiser.num_timesteps,
         "prediction_type": model.denoiser.prediction_type,
         "cuda_fast_path": model.fast_path.describe() if model.fast_path is not None else None,
-        "metadata": model.metadata,
+        "metadata": without_paths(model.metadata),
     }
 
 

@@ -40,6 +40,11 @@ class Plan:
     def steps(self) -> int:
         return len(self.timesteps)
 
+    @property
+    def cost(self) -> int:
+        """Points x network evaluations: what admission control estimates compute time from."""
+        return self.n * self.steps
+
     def describe(self) -> dict:
         return {
             "n": self.n,
@@ -105,7 +110,7 @@ async def sample_points(
             frames = x0 = None
         else:
             (points, frames, x0), timing = await gate.run(
-                lambda job: run_plan(model, p, job, record, record_x0), is_disconnected
+                lambda job: run_plan(model, p, job, record, record_x0), is_disconnected, cost=p.cost
             )
     return Result(points, frames, x0, timing)
 
@@ -118,7 +123,7 @@ async def render_animation(
     def work(job: Job) -> bytes:
         _, frames, _ = run_plan(model, p, job, record=True)
         job.check()
-        return animation_mp4(frames, p.spec.name, p.timesteps, size, fps)
+        return animation_mp4(frames, p.spec.name, p.timesteps, size, fps, job.check)
 
     with gate.reserve_points(p.n):
-        return await gate.run(work, is_disconnected)
+        return await gate.run(work, is_disconnected, cost=p.cost)

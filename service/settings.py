@@ -1,5 +1,7 @@
 """Service configuration: every field can be set from the environment as SWISSROLL_<NAME>."""
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -50,8 +52,44 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
     warmup: bool = True
+    # Limits of the embedded HTTP server (service/http_limits.py); a proxy in front may add tighter ones.
+    max_header_bytes: int = Field(
+        65_536, ge=1024, le=1 << 20, description="request line + headers of one request; beyond it: 431 and close"
+    )
+    max_headers: int = Field(100, ge=8, le=10_000, description="header fields per request; beyond it: 431")
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="time to send a request's line and headers; then 408 and close"
+    )
+    max_connections: int = Field(
+        1000, ge=1, le=1_000_000, description="open connections; beyond it a new one gets 503 and is closed"
+    )
 
-    @field_validator("cors_origins", "api_keys", mode="before")
+    @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value):
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        # Set but holding no key (',' or ' '): a typo that would silently turn authentication off. Refuse it.
+        if isinstance(value, str):
+            keys = [v.strip() for v in value.split(",") if v.strip()]
+            if value and not keys:
+                raise ValueError("set but holds no key (comma-separated keys expected; unset it to turn auth off)")
+            return keys
+        return value
+
+
+def unknown_env_settings(environ: Mapping[str, str]) -> list[str]:
+    """One warning per SWISSROLL_* variable that names no setting, with the closest valid name (a typo stays a
+    typo otherwise: pydantic-settings ignores unknown environment variables)."""
+    prefix = Settings.model_config["env_prefix"]
+    valid = [prefix + name.upper() for name in Settings.model_fields]
+    warnings = []
+    for name in sorted(environ):
+        if name.upper().startswith(prefix) and name.upper() not in valid:
+            close = difflib.get_close_matches(name.upper(), valid, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f"; valid: {', '.join(valid)}"
+            warnings.append(f"warning: unknown setting {name[:100]} ignored{hint}")
+    return warnings
