@@ -199,7 +199,7 @@ async def animation(
     dependencies=[Depends(require_api_key)],
     summary="The forward (noising) process on real data: frames from the data to noise, with the model's schedule",
     tags=["explain"],
-    responses={200: {"content": {"application/x-npy": {}}}, 422: {}, 503: {}, 504: {}},
+    responses={200: {"content": {"application/x-npy": {}}}, 422: {}, **UNAUTHORIZED, **BUSY},
 )
 async def forward(
     params: Annotated[ForwardParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
@@ -230,7 +230,7 @@ async def forward(
     dependencies=[Depends(require_api_key)],
     summary="The learned field at one level: predicted noise and clean point on a regular grid (quiver plots)",
     tags=["explain"],
-    responses={422: {}, 503: {}, 504: {}},
+    responses={422: {}, **UNAUTHORIZED, **BUSY},
 )
 async def field(
     params: Annotated[FieldParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
