@@ -17,6 +17,7 @@ import torch
 
 from bench.live_server import LiveServer
 from diffusion.checkpoint import load_model
+from diffusion.cpus import threads_from_env
 from diffusion.samplers import SAMPLERS, timesteps
 from service.compute import Job
 from service.render import animation_mp4
@@ -56,6 +57,7 @@ def timed(fn, reps=3):
 
 
 def main() -> None:
+    torch.set_num_threads(threads_from_env().threads)  # as the server and training choose them
     model = load_model("checkpoints/swissroll.pt", torch.device("cpu"))
     ts = timesteps(model.denoiser.num_timesteps, STEPS)
     plan = Plan(SAMPLERS["ddpm"], N, tuple(ts), "trailing", 0, {})

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from diffusion.checkpoint import load_model
+from diffusion.cpus import threads_from_env
 from diffusion.samplers import SAMPLERS, resolve_timesteps, sample
 from training.evaluate import fresh_real
 from training.metrics import all_metrics, sliced_w2
@@ -187,6 +188,7 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
+    torch.set_num_threads(threads_from_env().threads)  # as the server and training choose them
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", default="checkpoints/swissroll.pt")
     parser.add_argument("--n", type=int, default=50_000)

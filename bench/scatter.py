@@ -9,6 +9,7 @@ import matplotlib
 import torch
 
 from diffusion.checkpoint import load_model
+from diffusion.cpus import threads_from_env
 from diffusion.samplers import SAMPLERS, sample
 from training.evaluate import fresh_real
 
@@ -19,6 +20,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def main(checkpoint: str = "checkpoints/swissroll.pt", n: int = 10_000) -> None:
+    torch.set_num_threads(threads_from_env().threads)  # as the server and training choose them
     model = load_model(checkpoint, torch.device("cpu"))
     data = model.metadata["data"]
     real = fresh_real(n, data["noise"], 777, data["mean"], data["std"])

@@ -20,6 +20,7 @@ import torch
 
 from bench.live_server import LiveServer
 from diffusion.checkpoint import load_model
+from diffusion.cpus import threads_from_env
 from diffusion.samplers import SAMPLERS, sample
 from service.__main__ import tune_allocator
 
@@ -129,6 +130,7 @@ def allocator_probe() -> dict:
 def main() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     tune_allocator()
+    torch.set_num_threads(threads_from_env().threads)  # as the server and training choose them
     model = load_model(CHECKPOINT, torch.device("cpu"))
     flops = model.metadata["model"]["flops_per_sample"]
     gflops = matmul_gflops()

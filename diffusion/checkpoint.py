@@ -19,13 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion.denoiser import PREDICTION_TYPES, Denoiser
+from diffusion.checkpoint_schema import parse_metadata
+from diffusion.denoiser import Denoiser
 from diffusion.samplers import SAMPLERS
 
-FORMAT_VERSION = 1  # what save_checkpoint writes
-SUPPORTED_FORMAT_VERSIONS = (1,)  # what load_model reads
+FORMAT_VERSION = 1  # what save_checkpoint writes (checkpoint_schema.SUPPORTED_FORMAT_VERSIONS: what load_model reads)
 METADATA_FILE = "metadata.json"
-REQUIRED_METADATA = ("format_version", "num_timesteps", "schedule", "prediction_type", "data", "training")
 
 
 class CheckpointError(Exception):
@@ -76,9 +75,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_archive(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
-    """The module and its metadata as stored, unchecked; CheckpointError if the file cannot be read at all."""
-    path = Path(path)
+def _read(path: Path, device) -> tuple[torch.jit.ScriptModule, str]:
+    """The module and the text of its metadata.json; CheckpointError if the file cannot be read at all."""
     if not path.is_file():
         raise CheckpointError(path, "file not found" if not path.exists() else "not a regular file")
     extra = {METADATA_FILE: ""}
@@ -88,33 +86,33 @@ def read_archive(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     except Exception as e:  # torch raises RuntimeError/ValueError/zip errors for damaged files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(path, f"not a readable TorchScript archive (truncated or corrupt?): {first_line}") from e
+    return net, extra[METADATA_FILE]
+
+
+def read_archive(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
+    """The module and its metadata as stored, unchecked (for tools and tests); CheckpointError if unreadable."""
+    net, text = _read(Path(path), device)
     try:
-        return net, json.loads(extra[METADATA_FILE])
+        return net, json.loads(text)
     except json.JSONDecodeError as e:
-        raise CheckpointError(path, f"metadata.json is missing or not JSON ({e.msg})") from e
+        raise CheckpointError(Path(path), f"metadata.json is missing or not JSON ({e.msg})") from e
 
 
 def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     """Reads a checkpoint and checks it honours the contract: the only way a served model is loaded."""
     path = Path(path)
-    net, metadata = read_archive(path, device)
-    missing = [k for k in REQUIRED_METADATA if k not in metadata]
-    if missing:
-        raise CheckpointError(path, f"metadata.json lacks {', '.join(missing)}")
-    if metadata["format_version"] not in SUPPORTED_FORMAT_VERSIONS:
-        raise CheckpointError(
-            path,
-            f"format_version {metadata['format_version']} unsupported (this service reads {SUPPORTED_FORMAT_VERSIONS})",
-        )
-    if metadata["prediction_type"] not in PREDICTION_TYPES:
-        raise CheckpointError(path, f"prediction_type {metadata['prediction_type']!r} not one of {PREDICTION_TYPES}")
-    alphas_cumprod = _check_schedule(path, net, metadata["num_timesteps"])
+    net, text = _read(path, device)
+    try:
+        metadata, checked = parse_metadata(text)  # every type, one schema (checkpoint_schema.py)
+    except ValueError as e:
+        raise CheckpointError(path, str(e)) from None
+    alphas_cumprod = _check_schedule(path, net, checked.num_timesteps)
     _check_forward(path, net, len(alphas_cumprod), device)
     try:
-        tuned = parse_tuned_timesteps(metadata.get("tuned_timesteps", {}), len(alphas_cumprod))
+        tuned = parse_tuned_timesteps(checked.tuned_timesteps, len(alphas_cumprod))
     except ValueError as e:
         raise CheckpointError(path, str(e)) from e
-    denoiser = Denoiser(net, alphas_cumprod, metadata["prediction_type"], device, tuned)
+    denoiser = Denoiser(net, alphas_cumprod, checked.prediction_type, device, tuned)
     return LoadedModel(denoiser, metadata, _sha256(path), path, device)
 
 

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import logging
-import os
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -11,40 +10,83 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.gzip import GZipMiddleware
 
 from diffusion.checkpoint import LoadedModel, load_model, resolve_device
+from diffusion.cpus import choose_threads
 from diffusion.samplers import SAMPLERS, SamplerError
 from service.batching import Batcher
+from service.blocks import MIN_BLOCK_ROWS, BlockPool
 from service.compute import Cancelled, ComputeGate, DeadlineExceeded, Job, Overloaded
 from service.cuda_fast_path import CudaFastPath
 from service.encoding import json_response
 from service.graph_cache import GraphCache
+from service.http_limits import HeaderCountLimit
 from service.metrics import Metrics
 from service.routes import router
 from service.sampling import plan, run_plan
-from service.schemas import SampleParams, allowed_values
+from service.schemas import PARAMS_BY_PATH, SampleParams, allowed_values
 from service.settings import Settings
 from service.video_cache import VideoCache
 
 log = logging.getLogger("swissroll")
 STATIC_DIR = Path(__file__).parent / "static"
+GZIP_LEVEL = 5
+GZIP_EXCLUDED = ("video/*", "image/*", "audio/*", "application/x-npy", "application/gzip", "text/event-stream")
+
+# What error bodies and log lines echo of client input, at most (characters).
+ECHO_MAX = 100
+# Query parameter names never logged, whatever the route: anything that may carry a credential.
+SECRET_NAME_PARTS = ("key", "token", "secret", "pass", "auth", "credential", "session", "cookie", "signature")
+# CORS: what a browser page may send and read.
+CORS_ALLOW_HEADERS = ["Authorization", "Range", "If-None-Match", "If-Range"]
+CORS_EXPOSE_HEADERS = [
+    "X-Seed", "X-Model", "X-Elapsed-Ms", "X-Cache", "ETag", "Content-Range", "Accept-Ranges", "Content-Length",
+    "Content-Location", "Retry-After", "X-Sampler", "X-Spacing", "X-Timesteps", "X-Levels",
+]  # fmt: skip
 
 
-def _warm_up(model: LoadedModel) -> None:
-    """One small run of every sampler: first-call costs (allocator, kernels) are paid before ready."""
+def clip(value, limit: int = ECHO_MAX):
+    """A string (or the str() of anything else) cut to `limit` characters, saying how long it was."""
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def reject_repeated_params(request: Request) -> None:
+    """`?n=5&n=7` is ambiguous (FastAPI would take the last silently): 422 naming the parameter."""
+    seen, repeated = set(), []
+    for name, _ in request.query_params.multi_items():
+        if name in seen and name not in repeated:
+            repeated.append(name)
+        seen.add(name)
+    if repeated:
+        raise RequestValidationError(
+            [
+                {"loc": ("query", name), "msg": "parameter given more than once", "type": "repeated", "input": None}
+                for name in repeated
+            ]
+        )
+
+
+def _warm_up(model: LoadedModel, blocks: BlockPool | None) -> float:
+    """One small run of every sampler: first-call costs (allocator, kernels, block threads, the CUDA fast path's
+    compiles and captures) are paid before ready. Returns the time of one more small (default) run: admission
+    control's first estimate of a job's time."""
+    n = MIN_BLOCK_ROWS * blocks.threads if blocks is not None else 64  # big enough to reach every block thread
     for name in SAMPLERS:
-        p = plan(model, SampleParams(n=64, sampler=name, seed=0))
-        run_plan(model, p, Job(float("inf"), threading.Event()), record=True)
-        if model.fast_path is not None:
-            # Compile the fused kernel's tile sizes (triton_chain.block_rows) or capture the common graphs now,
-            # not in the first requests.
-            for n in (64, 20_000, 100_000):
-                model.fast_path.sample(p.spec, p.timesteps, p.params, [(torch.Generator(model.device), n)])
+        p = plan(model, SampleParams(n=n, sampler=name, seed=0))
+        run_plan(model, p, Job(float("inf"), threading.Event(), blocks), record=True)
+        if model.fast_path is not None:  # the fused kernel's tile sizes (triton_chain.block_rows), or common graphs
+            for rows in (64, 20_000, 100_000):
+                model.fast_path.sample(p.spec, p.timesteps, p.params, [(torch.Generator(model.device), rows)])
+    began = time.perf_counter()
+    run_plan(model, plan(model, SampleParams(n=64, seed=0)), Job(float("inf"), threading.Event(), blocks))
+    return time.perf_counter() - began
 
 
 def _with_fast_path(app: FastAPI, model: LoadedModel, settings: Settings) -> LoadedModel:
@@ -73,12 +115,13 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         if app.state.model.device.type == "cuda":
             app.state.model, _ = await gate.run(lambda _job: _with_fast_path(app, app.state.model, settings))
         if settings.warmup:
-            await gate.run(lambda _job: _warm_up(app.state.model))
+            job_s, _ = await gate.run(lambda job: _warm_up(app.state.model, job.blocks))
+            gate.calibrate(job_s)
         app.state.ready = True
-        model_info = {"model": app.state.model.id[:12], "device": str(app.state.model.device), "threads": threads}
+        model_info = {"model": app.state.model.id[:12], "device": str(app.state.model.device)}
         if app.state.model.fast_path is not None:
             model_info["cuda"] = app.state.model.fast_path.describe()
-        log.info(json.dumps({"event": "ready", **model_info}))
+        log.info(json.dumps({"event": "ready", **model_info, **app.state.threads}))
         yield
         app.state.ready = False
 
@@ -87,18 +130,25 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         version="0.1.0",
         description="Diffusion-model sampling of the 2D Swiss roll: points, trajectories and animations.",
         lifespan=lifespan,
+        dependencies=[Depends(reject_repeated_params)],
     )
     app.state.settings = settings
     app.state.ready = False
     if model is not None:
         app.state.model = model  # usable at once; ready only after the lifespan's warm-up
-    threads = settings.torch_threads or os.cpu_count() or 1
+    choice = choose_threads(settings.torch_threads)
+    blocks = BlockPool(choice.threads) if settings.cpu_parallel == "blocks" and choice.threads > 1 else None
+    app.state.threads = {**choice.describe(), "cpu_parallel": settings.cpu_parallel}
+    # Per compute thread: torch.set_num_threads only sets the calling thread's OpenMP and MKL counts (and the
+    # default of threads that have not run torch yet). With blocks, the compute thread runs one block itself.
+    intra_op = 1 if settings.cpu_parallel == "blocks" else choice.threads
     app.state.gate = ComputeGate(
         settings.max_concurrency,
         settings.max_queue,
         settings.request_timeout_s,
         settings.max_points_in_flight,
-        thread_init=lambda: torch.set_num_threads(threads),  # per compute thread: OpenMP settings are per thread
+        thread_init=lambda: torch.set_num_threads(intra_op),
+        blocks=blocks,
     )
     app.state.metrics = Metrics()
     app.state.batcher = (
@@ -110,14 +160,26 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     app.include_router(router)
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     _install_error_handlers(app)
+    if settings.gzip_min_bytes:
+        # JSON point clouds shrink ~3x. Never the MP4: video is already compressed and Range offsets (206) refer to
+        # its bytes; npy floats gain ~10% for the CPU it costs. Level 5: most of level 9's ratio at a third the time.
+        app.add_middleware(
+            GZipMiddleware,
+            minimum_size=settings.gzip_min_bytes,
+            compresslevel=GZIP_LEVEL,
+            exclude_content_types=GZIP_EXCLUDED,
+        )
+    app.add_middleware(HeadAsGet)
     app.add_middleware(RequestLog, metrics=app.state.metrics)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET"],
-            expose_headers=["X-Seed", "X-Model", "X-Elapsed-Ms", "X-Cache", "Content-Range", "ETag"],
+            allow_methods=["GET", "HEAD"],
+            allow_headers=CORS_ALLOW_HEADERS,
+            expose_headers=CORS_EXPOSE_HEADERS,
         )
+    app.add_middleware(HeaderCountLimit, max_headers=settings.max_headers)  # outermost: before anything reads them
     return app
 
 
@@ -127,15 +189,21 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         # FastAPI's errors name the parameter; add what is allowed, so one reply is enough to fix the call.
+        # What is echoed of the client's input (names, values) is clipped: an error body stays small.
         errors = []
         for err in exc.errors():
-            err = {k: v for k, v in err.items() if k != "url"}
+            err = {k: v for k, v in err.items() if k not in ("url", "ctx")}
             name = err["loc"][-1] if err.get("loc") else None
             allowed = allowed_values(request.url.path, name) if isinstance(name, str) else None
+            shown = clip(name, 40) if isinstance(name, str) else name
             if err.get("type") == "extra_forbidden":
-                err["msg"] = f"unknown parameter {name!r}; valid parameters: {allowed}"
+                err["msg"] = f"unknown parameter {shown!r}; valid parameters: {allowed}"
             elif allowed and err.get("type") not in ("enum", "literal_error"):  # those already list them
-                err["msg"] = f"{name}: {err['msg']} (allowed: {allowed})"
+                err["msg"] = f"{shown}: {err['msg']} (allowed: {allowed})"
+            err["loc"] = [clip(part, 40) if isinstance(part, str) else part for part in err.get("loc", ())]
+            if "input" in err:
+                err["input"] = clip(err["input"]) if isinstance(err["input"], str) else None
+            err["msg"] = clip(err["msg"], 300)
             errors.append(err)
         return json_response({"detail": jsonable_encoder(errors)}, status_code=422)
 
@@ -197,9 +265,45 @@ class RequestLog:
             self.metrics.requests.labels(endpoint, sampler, str(status)).inc()
             self.metrics.latency.labels(endpoint, sampler).observe(seconds)
             if log.isEnabledFor(logging.INFO):
-                query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-                log.info(
-                    json.dumps(
-                        {"endpoint": scope["path"], "params": query, "status": status, "ms": round(seconds * 1000, 2)}
-                    )
-                )
+                line = {"endpoint": clip(scope["path"], 200), "method": scope["method"], "status": status}
+                line.update(logged_params(scope["path"], scope.get("query_string", b"")))
+                line["ms"] = round(seconds * 1000, 2)
+                log.info(json.dumps(line))
+
+
+def logged_params(path: str, query_string: bytes) -> dict:
+    """The route's own parameters, clipped; others are only counted (their names and values are the client's, and
+    may be credentials, e.g. ?api_key=...). Nothing named like a secret is logged, even if a route had it."""
+    known = PARAMS_BY_PATH.get(path)
+    names = known.model_fields if known else {}
+    params, unknown = {}, 0
+    for name, value in parse_qsl(query_string[:65_536].decode("latin-1"), keep_blank_values=True):
+        if name in names and not any(part in name.lower() for part in SECRET_NAME_PARTS):
+            params[name] = clip(value, 40)
+        else:
+            unknown += 1
+    out = {"params": params}
+    if unknown:
+        out["unknown_params"] = unknown
+    return out
+
+
+class HeadAsGet:
+    """HEAD on any GET route: the GET's status and headers (Content-Length included), no body (RFC 9110 9.3.2).
+    uvicorn omits a HEAD response's body itself; this also makes the app correct in-process."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def send_headers_only(message):
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)

@@ -21,6 +21,7 @@ import torch
 from diffusion.checkpoint import LoadedModel
 from diffusion.denoiser import ROW_ALIGN
 from diffusion.noise import from_sources, initial_noise
+from service.blocks import run_sampler
 from service.compute import ComputeGate, Job, Timing
 from service.metrics import Metrics
 from service.sampling import Plan
@@ -75,7 +76,9 @@ def run_batch(model: LoadedModel, plans: list[Plan], job: Job) -> list[np.ndarra
         # Each generator's first draw is its request's x_T, exactly as when the request runs alone.
         noise = from_sources(sources)
         x = initial_noise(rows, noise, device)
-        out = first.spec.fn(model.denoiser, x, first.timesteps, noise, job.check, **first.params)
+        out, _, _ = run_sampler(
+            job.blocks, first.spec.fn, model.denoiser, x, first.timesteps, noise, job.check, **first.params
+        )
     out = out.cpu().numpy()
     return [out[start : start + p.n] for start, p in zip(starts, plans, strict=True)]
 
@@ -131,7 +134,8 @@ class Batcher:
         # Shielded: the leader's own client leaving must not cancel the work its batch-mates wait for.
         with anyio.CancelScope(shield=True):
             try:
-                batch.results, batch.timing = await self.gate.run(work, all_gone)
+                cost = batch.points * batch.plans[0].steps  # members joining later ride along uncounted
+                batch.results, batch.timing = await self.gate.run(work, all_gone, cost=cost)
                 self.metrics.batch_points.observe(batch.points)
                 self.metrics.batch_requests.observe(len(batch.plans))
             except Exception as e:  # delivered to every member

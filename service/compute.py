@@ -4,6 +4,13 @@ Sampling runs in worker threads (never on the event loop). At most `max_concurre
 at most `max_queue` wait; anything beyond is refused at once (503 + Retry-After) rather than queued without
 bound. A job that cannot start before its deadline is refused (503); one that runs past it is abandoned at
 the next denoising step (504), as is one whose client went away.
+
+Admission looks ahead: each job declares its cost (points x network evaluations), and the gate keeps the recent
+compute time per job and per unit of cost beyond that (learned from finished jobs). A job whose queue ahead
+(the rest of the running jobs, then the waiting ones ahead of it) is not estimated to finish before its deadline
+is refused at once (503 + Retry-After); a waiting job re-checks this every 0.25 s, so it too is refused as soon as
+the estimate says it cannot start in time, instead of waiting its whole deadline for that 503.
+On shutdown, `abort()` stops running jobs at their next step and refuses waiting ones (503, ShuttingDown).
 """
 
 import asyncio
@@ -14,14 +21,23 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
+
+if TYPE_CHECKING:
+    from service.blocks import BlockPool
 
 
 class Overloaded(Exception):
     def __init__(self, reason: str, retry_after_s: int):
         super().__init__(reason)
         self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(Overloaded):
+    def __init__(self):
+        super().__init__("server is shutting down", 5)
 
 
 class DeadlineExceeded(Exception):
@@ -32,14 +48,32 @@ class Cancelled(Exception):
     pass
 
 
+# Jobs of at least this cost (points x network evaluations) teach the per-unit time; smaller ones the per-job time.
+_LARGE_JOB_COST = 100_000
+_RECHECK_S = 0.25  # how often a waiting job re-checks whether it can still start before its deadline
+
+
+class _Waiting:
+    """A job waiting for a slot. Compared by identity: two waiting jobs of the same cost are different jobs."""
+
+    __slots__ = ("cost",)
+
+    def __init__(self, cost: int):
+        self.cost = cost
+
+
 @dataclass
 class Job:
     """Handed to the work function: call check() between steps to honour the deadline and cancellation."""
 
     deadline: float
     cancelled: threading.Event
+    blocks: "BlockPool | None" = None  # CPU sampling splits its rows over these threads; None: one chain here
+    aborted: threading.Event | None = None  # the gate's: set when the server's drain time is over
 
     def check(self, *_args) -> None:
+        if self.aborted is not None and self.aborted.is_set():
+            raise ShuttingDown
         if self.cancelled.is_set():
             raise Cancelled
         if time.monotonic() > self.deadline:
@@ -60,20 +94,29 @@ class ComputeGate:
         timeout_s: float,
         max_points: int = 2_000_000,
         thread_init: Callable[[], None] | None = None,
+        blocks: "BlockPool | None" = None,
     ):
         self.max_concurrency, self.max_queue, self.timeout_s = max_concurrency, max_queue, timeout_s
         self.max_points = max_points
+        self.blocks = blocks
         self.points_in_flight = 0
         self._slots = anyio.Semaphore(max_concurrency)
-        # All torch work runs on these long-lived threads, never on the event loop's thread: with a second thread
-        # launching OpenMP regions, libgomp throttles its spin-waits and CPU sampling runs ~2x slower (measured).
+        # All torch work runs on these long-lived threads (and the block threads they hand rows to), never on the
+        # event loop's thread: with a second thread launching OpenMP regions, libgomp throttles its spin-waits and
+        # CPU sampling on the intra_op path runs ~2x slower (measured).
         self._executor = ThreadPoolExecutor(
             max_concurrency, thread_name_prefix="swissroll-compute", initializer=thread_init
         )
         self.waiting = 0
         self.running = 0
         self.accepting = True
-        self._ewma_job_s = 0.1  # recent job duration, for an honest Retry-After
+        self.aborted = threading.Event()
+        # Recent compute time: per job (small jobs: fixed costs dominate) and per unit of cost (points x network
+        # evaluations) beyond that; together they estimate how long the queue ahead of a new job takes.
+        self._ewma_job_s = 0.1
+        self._ewma_unit_s = 0.0  # unknown until a large job has finished: then only per-job times count
+        self._queue: list[_Waiting] = []  # the waiting jobs, in arrival order (the slots are FIFO)
+        self._started: dict[object, tuple[float, int]] = {}  # running jobs: (began, cost)
 
     def call(self, fn: Callable, *args):
         """Run fn on a compute thread and wait (start-up work: loading the model, before the event loop)."""
@@ -90,30 +133,103 @@ class ComputeGate:
         finally:
             self.points_in_flight -= n
 
+    def estimate_s(self, cost: int) -> float:
+        """Recent compute time of a job of this cost."""
+        return self._ewma_job_s + cost * self._ewma_unit_s
+
+    def queue_ahead_s(self, waiting_ahead: "list[_Waiting] | None" = None) -> float:
+        """Estimated time until a job gets a compute slot: what is left of the running jobs plus the waiting jobs
+        ahead of it (all of them for a job submitted now), over the slots."""
+        ahead = self._queue if waiting_ahead is None else waiting_ahead
+        if len(self._started) + len(ahead) < self.max_concurrency:
+            return 0.0
+        now = time.monotonic()
+        running = sum(max(0.0, self.estimate_s(cost) - (now - began)) for began, cost in self._started.values())
+        return (running + sum(self.estimate_s(w.cost) for w in ahead)) / self.max_concurrency
+
     def retry_after_s(self) -> int:
-        backlog = (self.waiting + self.running) / self.max_concurrency
-        return max(1, math.ceil(backlog * self._ewma_job_s))
+        return max(1, math.ceil(self.queue_ahead_s()))
+
+    def calibrate(self, job_s: float) -> None:
+        """Seed the per-job time from a measured small run (the warm-up), before any request has taught it."""
+        self._ewma_job_s = job_s
+
+    def abort(self) -> None:
+        """The drain time is over: running jobs stop at their next step, waiting ones are refused (503)."""
+        self.accepting = False
+        self.aborted.set()
+
+    def _learn(self, cost: int, compute_s: float) -> None:
+        if cost >= _LARGE_JOB_COST:
+            per_unit = max(0.0, compute_s - self._ewma_job_s) / cost
+            self._ewma_unit_s = per_unit if self._ewma_unit_s == 0 else 0.5 * self._ewma_unit_s + 0.5 * per_unit
+        else:
+            self._ewma_job_s = 0.8 * self._ewma_job_s + 0.2 * compute_s
 
     async def run(
-        self, work: Callable[[Job], object], is_disconnected: Callable[[], Awaitable[bool]] | None = None
+        self,
+        work: Callable[[Job], object],
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+        cost: int = 0,
     ) -> tuple[object, Timing]:
+        """cost: points x network evaluations of this job (0: unknown, counted as a small job)."""
         if not self.accepting:
-            raise Overloaded("server is shutting down", 5)
+            raise ShuttingDown
         if self.waiting >= self.max_queue and self._slots.value == 0:
             raise Overloaded(f"queue full ({self.max_queue} waiting)", self.retry_after_s())
+        ahead_s = self.queue_ahead_s()
+        if ahead_s > self.timeout_s:
+            raise Overloaded(
+                f"the queue ahead needs about {ahead_s:.1f} s, beyond the {self.timeout_s:g} s deadline",
+                self.retry_after_s(),
+            )
         start = time.monotonic()
         deadline = start + self.timeout_s
+        entry, hopeless, acquired = _Waiting(cost), [], False
         self.waiting += 1
+        self._queue.append(entry)
         try:
-            with anyio.move_on_after(self.timeout_s) as scope:
-                await self._slots.acquire()
+            with anyio.move_on_after(self.timeout_s):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._recheck_while_waiting, entry, deadline, tg.cancel_scope, hopeless)
+                    await self._slots.acquire()  # not re-entered: the job keeps its place in the FIFO
+                    acquired = True
+                    tg.cancel_scope.cancel()
         finally:
             self.waiting -= 1
-        if scope.cancelled_caught:
+            self._queue.remove(entry)
+        if not acquired:
+            if hopeless:
+                raise Overloaded(
+                    f"the queue ahead needs about {hopeless[0]:.1f} s more, beyond this request's deadline",
+                    self.retry_after_s(),
+                )
             raise Overloaded(f"could not start within {self.timeout_s:g} s", self.retry_after_s())
-        job = Job(deadline, threading.Event())
+        try:
+            return await self._run_in_slot(work, is_disconnected, cost, start, deadline)
+        finally:
+            self._slots.release()
+
+    async def _recheck_while_waiting(self, entry: "_Waiting", deadline: float, scope, hopeless: list) -> None:
+        while True:
+            await anyio.sleep(_RECHECK_S)
+            if entry not in self._queue:
+                return
+            ahead = self._queue[: self._queue.index(entry)]
+            ahead_s = self.queue_ahead_s(ahead)
+            if ahead_s > deadline - time.monotonic():
+                hopeless.append(ahead_s)
+                scope.cancel()
+                return
+
+    async def _run_in_slot(self, work, is_disconnected, cost: int, start: float, deadline: float):
+        if self.aborted.is_set():
+            raise ShuttingDown
+        job = Job(deadline, threading.Event(), blocks=self.blocks, aborted=self.aborted)
         self.running += 1
         began = time.monotonic()
+        token = object()
+        self._started[token] = (began, cost)
         try:
             error: Exception | None = None
             async with anyio.create_task_group() as tg:
@@ -128,9 +244,9 @@ class ComputeGate:
                 raise error
         finally:
             self.running -= 1
-            self._slots.release()
+            del self._started[token]
         compute_s = time.monotonic() - began
-        self._ewma_job_s = 0.8 * self._ewma_job_s + 0.2 * compute_s
+        self._learn(cost, compute_s)
         return result, Timing(began - start, compute_s)
 
 

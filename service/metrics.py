@@ -46,3 +46,9 @@ class Metrics:
         self.rejected = Counter(
             "swissroll_rejected_total", "requests refused by admission control", ["reason"], registry=r
         )
+        self.connections_refused = Counter(
+            "swissroll_connections_refused_total",
+            "connections closed by the HTTP server's limits (max_connections, header_timeout, header_too_large)",
+            ["reason"],
+            registry=r,
+        )

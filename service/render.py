@@ -7,7 +7,7 @@ figure redraw.
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import av
@@ -81,13 +81,23 @@ def frame_captions(sampler: str, timesteps: Sequence[int]) -> list[str]:
     return head + [f"{sampler}  ·  step {i + 1}/{steps}  ·  t={t}" for i, t in enumerate(timesteps)]
 
 
-def render_frames(frames: np.ndarray, sampler: str, timesteps: Sequence[int], size: int) -> list[np.ndarray]:
+def _no_check() -> None:
+    pass
+
+
+def render_frames(
+    frames: np.ndarray, texts: Sequence[str], size: int, check: Callable[[], None] = _no_check
+) -> list[np.ndarray]:
+    """check(): called before each frame (deadline, disconnect, shutdown: it raises to stop)."""
     size = even(size)
-    texts = frame_captions(sampler, timesteps)
-    return [caption(draw_points(f, size), text) for f, text in zip(frames, texts, strict=True)]
+    images = []
+    for f, text in zip(frames, texts, strict=True):
+        check()
+        images.append(caption(draw_points(f, size), text))
+    return images
 
 
-def encode_mp4(images: list[np.ndarray], fps: int, hold_frames: int) -> bytes:
+def encode_mp4(images: list[np.ndarray], fps: int, hold_frames: int, check: Callable[[], None] = _no_check) -> bytes:
     """H.264 yuv420p with the moov atom first (faststart), so browsers can start playing and seek at once.
 
     faststart rewrites the file after encoding, which PyAV can only do on a real file, not a BytesIO."""
@@ -100,6 +110,7 @@ def encode_mp4(images: list[np.ndarray], fps: int, hold_frames: int) -> bytes:
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             stream.options = {"crf": "23", "preset": "veryfast", "tune": "animation"}
             for image in [*images, *([images[-1]] * hold_frames)]:
+                check()
                 for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                     container.mux(packet)
             for packet in stream.encode():
@@ -110,7 +121,21 @@ def encode_mp4(images: list[np.ndarray], fps: int, hold_frames: int) -> bytes:
         os.unlink(path)
 
 
-def animation_mp4(frames: np.ndarray, sampler: str, timesteps: Sequence[int], size: int, fps: int) -> bytes:
+def animation_mp4(
+    frames: np.ndarray,
+    sampler: str,
+    timesteps: Sequence[int],
+    size: int,
+    fps: int,
+    check: Callable[[], None] = _no_check,
+) -> bytes:
     """frames: [steps + 1, n, 2] trajectory; one video frame each, then a hold on the final samples."""
-    hold = max(1, round(HOLD_SECONDS * fps))
-    return encode_mp4(render_frames(frames, sampler, timesteps, size), fps, hold)
+    return captioned_mp4(frames, frame_captions(sampler, timesteps), size, fps, check)
+
+
+def captioned_mp4(
+    frames: np.ndarray, texts: Sequence[str], size: int, fps: int, check: Callable[[], None] = _no_check
+) -> bytes:
+    """Any sequence of point clouds (denoising or noising), one caption per frame, then a hold on the last.
+    check() runs before every frame drawn or encoded: rendering stops there like sampling stops at a step."""
+    return encode_mp4(render_frames(frames, texts, size, check), fps, max(1, round(HOLD_SECONDS * fps)), check)

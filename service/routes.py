@@ -1,21 +1,25 @@
 """HTTP routes: validate, call, serialize. Nothing here does maths."""
 
 import hashlib
+from pathlib import PurePath
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+import numpy as np
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from diffusion.checkpoint import LoadedModel
-from diffusion.samplers import SAMPLERS
+from diffusion.samplers import SAMPLERS, SamplerError
 from service.auth import require_api_key
 from service.byte_ranges import not_modified, ranged_response
 from service.compute import ComputeGate, Timing
 from service.encoding import compact, json_response, npy_response
+from service.field import check_level, run_field
+from service.forward import forward_plan, render_forward_animation, run_forward
 from service.metrics import Metrics
 from service.render import even
 from service.sampling import plan, render_animation, sample_points
-from service.schemas import AnimationParams, SampleParams, TrajectoryParams
+from service.schemas import AnimationParams, FieldParams, ForwardParams, SampleParams, TrajectoryParams
 from service.video_cache import VideoCache
 
 
@@ -42,6 +46,17 @@ Cache = Annotated[VideoCache, Depends(get_video_cache)]
 
 router = APIRouter()
 
+UNAUTHORIZED = {401: {"description": "missing or invalid API key (only when SWISSROLL_API_KEYS is set)"}}
+BUSY = {
+    503: {"description": "overloaded, or shutting down: retry after Retry-After seconds"},
+    504: {"description": "not finished within the request deadline"},
+}
+
+# Declared so the API docs (and the schema fuzzer) know /animation reads them; ranged_response parses them.
+RangeHeader = Annotated[str | None, Header(alias="Range", description="bytes=first-last, bytes=first- or bytes=-N")]
+IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match", description="an ETag of this URL, or *")]
+IfRange = Annotated[str | None, Header(alias="If-Range", description="the ETag a Range is conditional on")]
+
 
 def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, timing: Timing) -> None:
     metrics.points.labels(sampler).inc(n)
@@ -54,7 +69,7 @@ def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, timing: Timin
     dependencies=[Depends(require_api_key)],
     summary="Sample points from the model",
     tags=["sampling"],
-    responses={200: {"content": {"application/x-npy": {}}}, 422: {}, 503: {}, 504: {}},
+    responses={200: {"content": {"application/x-npy": {}}}, 422: {}, **UNAUTHORIZED, **BUSY},
 )
 async def sample(
     params: Annotated[SampleParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
@@ -77,6 +92,7 @@ async def sample(
     dependencies=[Depends(require_api_key)],
     summary="Every intermediate state of one sampling run (for animation)",
     tags=["sampling"],
+    responses={200: {"content": {"application/x-npy": {}}}, **UNAUTHORIZED, **BUSY},
 )
 async def trajectory(
     params: Annotated[TrajectoryParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
@@ -85,6 +101,20 @@ async def trajectory(
     request.state.sampler = p.spec.name
     result = await sample_points(gate, model, p, request.is_disconnected, record=True, record_x0=params.include_x0)
     _record(metrics, "/trajectory", p.spec.name, p.n, result.timing)
+    if params.format == "npy":
+        # The JSON fields travel as headers; the body is the bare array (see TrajectoryParams.format for its shape).
+        headers = {
+            "X-Seed": str(p.seed),
+            "X-Model": model.id,
+            "X-Elapsed-Ms": str(round(result.timing.compute_s * 1000, 2)),
+            "X-Sampler": p.spec.name,
+            "X-Spacing": p.spacing,
+            "X-Timesteps": ",".join(map(str, p.timesteps)),
+        }
+        if not params.include_x0:
+            return npy_response(result.frames, headers, params.dtype)
+        x0 = np.concatenate([result.x0, np.full_like(result.x0[:1], np.nan)])  # no prediction from the last frame
+        return npy_response(np.stack([result.frames, x0]), headers, params.dtype)
     payload = {
         **p.describe(),
         "model": model.id,
@@ -108,6 +138,8 @@ async def trajectory(
         206: {"description": "partial content"},
         304: {"description": "not modified"},
         416: {"description": "range not satisfiable"},
+        **UNAUTHORIZED,
+        **BUSY,
     },
 )
 async def animation(
@@ -117,16 +149,31 @@ async def animation(
     gate: Gate,
     metrics: MetricsDep,
     cache: Cache,
+    _range: RangeHeader = None,
+    _if_none_match: IfNoneMatch = None,
+    _if_range: IfRange = None,
 ) -> Response:
-    p = plan(model, params)
-    request.state.sampler = p.spec.name
     size = even(params.size)
-    key = f"{model.id}|{p.spec.name}|{p.timesteps}|{p.params.get('eta')}|{p.seed}|{p.n}|{params.fps}|{size}"
+    if params.process == "forward":
+        for name in ("sampler", "spacing", "eta"):
+            if name in params.model_fields_set:  # a sampling parameter with nothing to sample: say so, don't ignore it
+                raise SamplerError(name, f"{name} does not apply to process=forward (it uses n, steps and seed)")
+        fp = forward_plan(model, params.n, params.steps, params.seed)
+        request.state.sampler = "forward"
+        key = f"{model.id}|forward|{fp.levels}|{fp.seed}|{fp.n}|{params.fps}|{size}"
+        seed = fp.seed
+    else:
+        p = plan(model, params)
+        request.state.sampler = p.spec.name
+        key = f"{model.id}|reverse|{p.spec.name}|{p.timesteps}|{p.params.get('eta')}|{p.seed}|{p.n}|{params.fps}|{size}"
+        seed = p.seed
     etag = f'"{hashlib.sha256(key.encode()).hexdigest()[:32]}"'
-    headers = {"X-Seed": str(p.seed)}
+    headers = {"X-Seed": str(seed)}
+    if not_modified(request, None):  # "If-None-Match: *": this URL always has a representation; no need to render
+        return Response(status_code=304, headers=headers if params.seed is not None else {})
     if params.seed is None:
         # A drawn seed makes this URL's content differ per request: point at the reproducible one, never cache.
-        headers["Content-Location"] = f"{request.url.path}?{request.url.query}&seed={p.seed}".replace("?&", "?")
+        headers["Content-Location"] = f"{request.url.path}?{request.url.query}&seed={seed}".replace("?&", "?")
         headers["Cache-Control"] = "no-store"
     else:
         headers["Cache-Control"] = "public, max-age=86400, immutable"  # deterministic given all parameters
@@ -134,6 +181,10 @@ async def animation(
             return Response(status_code=304, headers={**headers, "ETag": etag})
 
     async def render() -> bytes:
+        if params.process == "forward":
+            data, timing = await render_forward_animation(gate, model, fp, size, params.fps, request.is_disconnected)
+            _record(metrics, "/animation", "forward", fp.n, timing)
+            return data
         data, timing = await render_animation(gate, model, p, size, params.fps, request.is_disconnected)
         _record(metrics, "/animation", p.spec.name, p.n, timing)
         return data
@@ -141,6 +192,67 @@ async def animation(
     data, cached = await cache.get_or_render(key, render)
     headers["X-Cache"] = "hit" if cached else "miss"
     return ranged_response(request, data, "video/mp4", etag, headers)
+
+
+@router.get(
+    "/forward",
+    dependencies=[Depends(require_api_key)],
+    summary="The forward (noising) process on real data: frames from the data to noise, with the model's schedule",
+    tags=["explain"],
+    responses={200: {"content": {"application/x-npy": {}}}, 422: {}, **UNAUTHORIZED, **BUSY},
+)
+async def forward(
+    params: Annotated[ForwardParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
+) -> Response:
+    p = forward_plan(model, params.n, params.steps, params.seed)
+    request.state.sampler = "forward"
+    frames, timing = await run_forward(gate, model, p, request.is_disconnected)
+    _record(metrics, "/forward", "forward", p.n, timing)
+    elapsed_ms = round(timing.compute_s * 1000, 2)
+    headers = {"X-Seed": str(p.seed), "X-Model": model.id, "X-Elapsed-Ms": str(elapsed_ms)}
+    if params.format == "npy":
+        return npy_response(frames, {**headers, "X-Levels": ",".join(map(str, p.levels))}, params.dtype)
+    ab = model.denoiser.alphas_cumprod
+    payload = {
+        **p.describe(),
+        "model": model.id,
+        "elapsed_ms": elapsed_ms,
+        "levels": list(p.levels),  # frames[k] is at levels[k - 1]; frames[0] is the data
+        "alphas_cumprod": [round(ab[t], 8) for t in p.levels],
+        "data": {k: model.metadata.get("data", {}).get(k) for k in ("noise", "mean", "std")},
+        "frames": compact(frames),
+    }
+    return json_response(payload, headers=headers)
+
+
+@router.get(
+    "/field",
+    dependencies=[Depends(require_api_key)],
+    summary="The learned field at one level: predicted noise and clean point on a regular grid (quiver plots)",
+    tags=["explain"],
+    responses={422: {}, **UNAUTHORIZED, **BUSY},
+)
+async def field(
+    params: Annotated[FieldParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
+) -> Response:
+    t = check_level(model, params.t)
+    request.state.sampler = "field"
+    f, timing = await run_field(gate, model, t, params.grid, params.extent, request.is_disconnected)
+    _record(metrics, "/field", "field", params.grid**2, timing)
+    ab = model.denoiser.alphas_cumprod[t]
+    payload = {
+        "t": t,
+        "grid": params.grid,
+        "extent": params.extent,
+        "alpha_bar": ab,
+        "sigma": (1 - ab) ** 0.5,  # score = -eps / sigma
+        "model": model.id,
+        "elapsed_ms": round(timing.compute_s * 1000, 2),
+        "points": f.points,  # point k = (xs[k % grid], ys[k // grid]), xs = ys = linspace(-extent, extent, grid)
+        "eps": f.eps,
+        "x0": f.x0,
+    }
+    return json_response(payload)
 
 
 @router.get("/samplers", summary="The samplers this server offers, with their steps and parameters", tags=["model"])
@@ -167,16 +279,37 @@ async def samplers(model: Model) -> list[dict]:
     ]
 
 
-@router.get("/model", summary="The loaded checkpoint: id, device, metadata", tags=["model"])
-async def model_info(model: Model) -> dict:
+def without_paths(value):
+    """Metadata as served: any absolute path (e.g. where the trainer wrote the file) reduced to its file name."""
+    if isinstance(value, dict):
+        return {k: without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_paths(v) for v in value]
+    if isinstance(value, str) and (value.startswith(("/", "~", "\\\\")) or value[1:3] in (":\\", ":/")):
+        return PurePath(value.replace("\\", "/")).name
+    return value
+
+
+@router.get(
+    "/model",
+    dependencies=[Depends(require_api_key)],
+    summary="The loaded checkpoint: id, file name, device, metadata (needs the API key when keys are set)",
+    tags=["model"],
+    responses=UNAUTHORIZED,
+)
+async def model_info(model: Model, request: Request) -> dict:
+    # Behind the key when keys are set: the training environment (torch and Python versions, device) is not for
+    # anonymous callers. No absolute paths, ever: the file's name only.
     return {
         "id": model.id,
-        "path": str(model.path),
+        "file": model.path.name,
         "device": str(model.device),
+        # torch threads, why that many (SWISSROLL_TORCH_THREADS, affinity mask or cgroup quota), and how a job uses them
+        "threads": request.app.state.threads,
         "num_timesteps": model.denoiser.num_timesteps,
         "prediction_type": model.denoiser.prediction_type,
         "cuda_fast_path": model.fast_path.describe() if model.fast_path is not None else None,
-        "metadata": model.metadata,
+        "metadata": without_paths(model.metadata),
     }
 
 

@@ -11,12 +11,12 @@ from diffusion.checkpoint import LoadedModel
 from diffusion.noise import from_generator, initial_noise
 from diffusion.samplers import (
     SamplerSpec,
-    Step,
     get_sampler,
     resolve_params,
     resolve_steps,
     resolve_timesteps,
 )
+from service.blocks import run_sampler
 from service.compute import ComputeGate, Job, Timing
 from service.render import animation_mp4
 from service.schemas import SamplingParams
@@ -39,6 +39,11 @@ class Plan:
     @property
     def steps(self) -> int:
         return len(self.timesteps)
+
+    @property
+    def cost(self) -> int:
+        """Points x network evaluations: what admission control estimates compute time from."""
+        return self.n * self.steps
 
     def describe(self) -> dict:
         return {
@@ -81,19 +86,12 @@ def run_plan(model: LoadedModel, p: Plan, job: Job, record: bool = False, record
     else:
         noise, denoiser = from_generator(generator), model.denoiser
         x = initial_noise(p.n, noise, device)
-    frames: list[torch.Tensor] = [x] if record else []
-    x0s: list[torch.Tensor] = []
-
-    def callback(step: Step) -> None:
-        job.check()  # deadline and client disconnect are honoured at every step boundary
-        if record:
-            frames.append(step.x)
-        if record_x0:
-            x0s.append(step.x0)
-
-    out = p.spec.fn(denoiser, x, p.timesteps, noise, callback, **p.params)
+    # job.check: deadline and client disconnect are honoured at every step boundary.
+    out, frames, x0s = run_sampler(
+        job.blocks, p.spec.fn, denoiser, x, p.timesteps, noise, job.check, record, record_x0, **p.params
+    )
     # One device->host copy per array, after all steps: no per-step synchronization.
-    stacked = torch.stack(frames).cpu().numpy() if record else None
+    stacked = torch.stack([x, *frames]).cpu().numpy() if record else None
     return out.cpu().numpy(), stacked, (torch.stack(x0s).cpu().numpy() if record_x0 else None)
 
 
@@ -113,7 +111,7 @@ async def sample_points(
             frames = x0 = None
         else:
             (points, frames, x0), timing = await gate.run(
-                lambda job: run_plan(model, p, job, record, record_x0), is_disconnected
+                lambda job: run_plan(model, p, job, record, record_x0), is_disconnected, cost=p.cost
             )
     return Result(points, frames, x0, timing)
 
@@ -126,7 +124,7 @@ async def render_animation(
     def work(job: Job) -> bytes:
         _, frames, _ = run_plan(model, p, job, record=True)
         job.check()
-        return animation_mp4(frames, p.spec.name, p.timesteps, size, fps)
+        return animation_mp4(frames, p.spec.name, p.timesteps, size, fps, job.check)
 
     with gate.reserve_points(p.n):
-        return await gate.run(work, is_disconnected)
+        return await gate.run(work, is_disconnected, cost=p.cost)

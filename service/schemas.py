@@ -14,6 +14,9 @@ TRAJECTORY_N_MAX = 5_000
 ANIMATION_N_MAX = 20_000
 STEPS_MAX = 1000  # the largest T training accepts; the loaded model's own T is checked per request
 SEED_MAX = 2**63 - 1
+FORWARD_N_MAX = TRAJECTORY_N_MAX
+FIELD_GRID_MAX = 64  # per side: at most 4,096 points per /field call
+FIELD_EXTENT_MAX = 10.0
 
 
 class SamplingParams(BaseModel):
@@ -52,18 +55,75 @@ class SampleParams(SamplingParams):
 class TrajectoryParams(SamplingParams):
     n: int = Field(500, ge=1, le=TRAJECTORY_N_MAX, description="number of points per frame", examples=[2000])
     include_x0: bool = Field(False, description="also return each step's predicted clean points", examples=[True])
+    format: Literal["json", "npy"] = Field(
+        "json",
+        description="json, or npy: float32 [steps + 1, n, 2] (frames), or [2, steps + 1, n, 2] with include_x0 "
+        "([1][k] = x0 predicted from frame k, NaN for the last frame); levels in the X-Timesteps header",
+        examples=["json", "npy"],
+    )
+    dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="element type of format=npy: float16 halves the bytes (resolution ~0.001 at unit scale, as fine "
+        "as the JSON's 3 decimals); ignored for json",
+        examples=["float32", "float16"],
+    )
 
 
 class AnimationParams(SamplingParams):
     n: int = Field(5000, ge=1, le=ANIMATION_N_MAX, description="number of points", examples=[10000])
     fps: int = Field(10, ge=1, le=60, description="frames per second", examples=[10])
     size: int = Field(480, ge=240, le=1080, description="width and height in pixels (rounded to even)", examples=[480])
+    process: Literal["forward", "reverse"] = Field(
+        "reverse",
+        description="reverse: the denoising of a sampling run; forward: real data noised level by level (as /forward: "
+        "uses n, steps, seed; sampler, spacing and eta are refused)",
+        examples=["reverse", "forward"],
+    )
 
 
-PARAMS_BY_PATH: dict[str, type[SamplingParams]] = {
+class ForwardParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(1000, ge=1, le=FORWARD_N_MAX, description="number of data points", examples=[2000])
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=STEPS_MAX,
+        examples=[40, 10],
+        description="noising levels shown, 1..T of the model (default T: every level), ending at T-1",
+    )
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, examples=[0], description="random seed; omitted: one is drawn and returned"
+    )
+    format: Literal["json", "npy"] = Field(
+        "json",
+        description="json, or npy: float32 [steps + 1, n, 2] (data, then each level); levels in the X-Levels header",
+        examples=["json", "npy"],
+    )
+    dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="element type of format=npy: float16 halves the bytes (resolution ~0.001 at unit scale, as fine "
+        "as the JSON's 3 decimals); ignored for json",
+        examples=["float32", "float16"],
+    )
+
+
+class FieldParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    t: int = Field(..., ge=0, le=STEPS_MAX - 1, description="level, 0..T-1 of the model", examples=[20])
+    grid: int = Field(24, ge=2, le=FIELD_GRID_MAX, description="grid points per side", examples=[24])
+    extent: float = Field(
+        2.5, ge=0.1, le=FIELD_EXTENT_MAX, description="the grid spans [-extent, extent]^2 (normalized)", examples=[2.5]
+    )
+
+
+PARAMS_BY_PATH: dict[str, type[BaseModel]] = {
     "/sample": SampleParams,
     "/trajectory": TrajectoryParams,
     "/animation": AnimationParams,
+    "/forward": ForwardParams,
+    "/field": FieldParams,
 }
 
 

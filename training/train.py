@@ -12,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from diffusion.checkpoint import parse_tuned_timesteps, resolve_device
+from diffusion.cpus import threads_from_env
 from diffusion.denoiser import Denoiser, prediction_target
 from diffusion.schedules import SCHEDULES, make_alphas_cumprod
 from training.data import SwissRoll, load_swiss_roll
@@ -96,6 +97,7 @@ class Fitted:
     history: list[tuple[float, float]]  # (train, validation) loss per epoch
     seconds: float
     device: torch.device
+    threads: dict | None  # torch threads on CPU: how many and why (diffusion/cpus.py)
 
 
 def train(config: TrainConfig) -> dict:
@@ -114,6 +116,10 @@ def train(config: TrainConfig) -> dict:
 def fit(config: TrainConfig) -> Fitted:
     """The training loop: Adam with a linear learning-rate decay, optional EMA of the weights."""
     device = resolve_device(config.device)
+    threads = threads_from_env()
+    if device.type == "cpu":
+        # torch's default is one thread per host core: in a 2-CPU container on a big host most would only wait.
+        torch.set_num_threads(threads.threads)
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     data = load_swiss_roll(config.n_samples, config.data_noise, config.data_seed, config.val_fraction)
@@ -155,7 +161,9 @@ def fit(config: TrainConfig) -> Fitted:
         val_loss = validation_loss(final_net, val_x, alphas_cumprod, net_config.prediction_type, config.seed + 1)
         history.append(((epoch_loss / batches_per_epoch).item(), val_loss))
         bar.set_postfix(loss=f"{history[-1][0]:.4f}", val_loss=f"{val_loss:.4f}")
-    return Fitted(final_net, net_config, alphas_cumprod64, data, history, time.perf_counter() - start, device)
+    seconds = time.perf_counter() - start
+    cpu_threads = threads.describe() if device.type == "cpu" else None
+    return Fitted(final_net, net_config, alphas_cumprod64, data, history, seconds, device, cpu_threads)
 
 
 def describe(config: TrainConfig, fitted: Fitted) -> dict:
@@ -189,6 +197,7 @@ def describe(config: TrainConfig, fitted: Fitted) -> dict:
             "loss_history": [[round(a, 5), round(b, 5)] for a, b in history],
             "seconds": round(fitted.seconds, 2),
             "device": str(fitted.device),
+            **({"threads": fitted.threads} if fitted.threads else {}),
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
         },

@@ -1,5 +1,7 @@
-// swissroll-diffusion web page: fetch /trajectory, animate it on a canvas, load the same run as MP4.
-// Plain ES2020, no build step, no external resources: the service must work offline.
+// swissroll-diffusion web page: fetch /trajectory (and /forward on the same points' scale), animate either on a
+// canvas with the learned field (/field) and predicted x0 overlaid, compare the final samples with real data, load
+// the same run as MP4. Plain ES2020, no build step, no external resources: the service must work offline.
+// Point clouds travel as .npy float16 (format=npy&dtype=float16: 3.7x smaller than the JSON), parsed below.
 "use strict";
 
 (() => {
@@ -7,6 +9,8 @@
   const BASE_FPS = 10; // playback rate at 1x speed, in trajectory frames per second
   const REF_POINTS = 4000;
   const MP4 = { fps: 10, size: 480 };
+  const FIELD = { grid: 19, extent: 2.3 }; // arrows every ~0.26 units, inside the axes
+  const QUALITY = { points: 2000, directions: 128 }; // sliced W2 on a subsample, computed here
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -16,6 +20,10 @@
     error: $("error"), canvas: $("canvas"), play: $("play"), slider: $("slider"), speed: $("speed"),
     frameLabel: $("frame-label"), refLabel: $("ref-label"), latency: $("latency"),
     loadMp4: $("load-mp4"), video: $("video"), videoStatus: $("video-status"),
+    processReverse: $("process-reverse"), processForward: $("process-forward"), showField: $("show-field"),
+    showX0: $("show-x0"), compare: $("compare"), canvasReal: $("canvas-real"), canvasWrap: $("canvas-wrap"),
+    quality: $("quality"), ptsLabel: $("pts-label"), realItem: $("real-item"), x0Item: $("x0-item"),
+    fieldItem: $("field-item"), fieldLabel: $("field-label"),
   };
   const ctx = el.canvas.getContext("2d");
 
@@ -31,6 +39,13 @@
     ref: null, // Float32Array [x0, y0, x1, y1, ...] of reference data points (normalized)
     background: null, // offscreen canvas: axes, grid, reference cloud
     palette: null,
+    mode: "reverse", // which process the canvas shows: "reverse" (the run) or "forward" (real data noised)
+    fwd: null, // {seed, levels, frames: Float32Array[]}: /forward with the run's n, steps and seed
+    real: null, // Float32Array: real data (the forward process's frame 0)
+    fields: new Map(), // level -> {points, eps} from /field
+    fieldRequests: new Map(), // level -> promise of the /field request (one per level)
+    t0: 0, // when the current run was requested (time to first frame)
+    firstFrameDrawn: true,
   };
 
   // ---------------------------------------------------------------- API
@@ -76,6 +91,58 @@
     }
     if (!resp.ok) throw await describeError(resp);
     return resp;
+  }
+
+  // ---------------------------------------------------------------- .npy
+
+  let halfTable = null; // float16 bit pattern -> value, built once (256 kB)
+  function halfToFloat(bits) {
+    if (!halfTable) {
+      halfTable = new Float32Array(65536);
+      for (let h = 0; h < 65536; h++) {
+        const sign = h & 0x8000 ? -1 : 1;
+        const exp = (h >> 10) & 0x1f;
+        const frac = h & 0x3ff;
+        halfTable[h] = exp === 0 ? sign * frac * 2 ** -24
+          : exp === 31 ? (frac ? NaN : sign * Infinity)
+            : sign * (1 + frac / 1024) * 2 ** (exp - 15);
+      }
+    }
+    const out = new Float32Array(bits.length);
+    for (let i = 0; i < bits.length; i++) out[i] = halfTable[bits[i]];
+    return out;
+  }
+
+  // NumPy's .npy format (v1-v3): magic, header length, a Python-literal header, then the raw little-endian array.
+  function parseNpy(buffer) {
+    const bytes = new Uint8Array(buffer);
+    if (bytes[0] !== 0x93 || String.fromCharCode(...bytes.subarray(1, 6)) !== "NUMPY") throw new ApiError("Bad response: not an .npy array.");
+    const view = new DataView(buffer);
+    const [lenBytes, headerLen] = bytes[6] === 1 ? [2, view.getUint16(8, true)] : [4, view.getUint32(8, true)];
+    const start = 8 + lenBytes;
+    const header = new TextDecoder().decode(bytes.subarray(start, start + headerLen));
+    const descr = /'descr':\s*'([^']+)'/.exec(header);
+    const shape = /'shape':\s*\(([^)]*)\)/.exec(header);
+    if (!descr || !shape || /'fortran_order':\s*True/.test(header)) throw new ApiError("Bad response: unsupported .npy header.");
+    const dims = shape[1].split(",").filter((d) => d.trim()).map(Number);
+    const count = dims.reduce((a, b) => a * b, 1);
+    const offset = start + headerLen; // a multiple of 64 by the format, so typed views are aligned
+    let data;
+    if (descr[1] === "<f4") data = new Float32Array(buffer, offset, count);
+    else if (descr[1] === "<f2") data = halfToFloat(new Uint16Array(buffer, offset, count));
+    else throw new ApiError(`Bad response: unsupported .npy dtype ${descr[1]}.`);
+    return { shape: dims, data };
+  }
+
+  // [frames, n, 2] -> one Float32Array view of [x0, y0, x1, y1, ...] per frame (no copies)
+  function splitFrames(data, frames, n, offset = 0) {
+    return Array.from({ length: frames }, (_, k) => data.subarray(offset + k * n * 2, offset + (k + 1) * n * 2));
+  }
+
+  async function getNpy(path, params, signal) {
+    const resp = await apiGet(path, { ...params, format: "npy", dtype: "float16" }, signal);
+    const bytes = Number(resp.headers.get("Content-Length")) || 0;
+    return { resp, npy: parseNpy(await resp.arrayBuffer()), bytes };
   }
 
   // ---------------------------------------------------------------- errors and status
@@ -166,9 +233,12 @@
 
   // ---------------------------------------------------------------- sampling
 
-  async function runTrajectory() {
+  // keepSeed: the same run again (e.g. now with predicted x0), whatever the seed field says
+  async function runTrajectory(keepSeed = false) {
     if (!current()) return;
     const query = readQuery();
+    if (keepSeed && state.run) query.seed = state.run.seed;
+    if (el.showX0.checked) query.include_x0 = "true";
     if (state.controller) state.controller.abort();
     const controller = new AbortController();
     state.controller = controller;
@@ -176,45 +246,58 @@
     setBusy(true);
     const t0 = performance.now();
     try {
-      const resp = await apiGet("/trajectory", query, controller.signal);
-      const data = await resp.json();
+      const { resp, npy, bytes } = await getNpy("/trajectory", query, controller.signal);
       const roundTrip = performance.now() - t0;
       // The seed as a string from the header: seeds go up to 2^63-1, beyond a JS number's exact range.
-      const seed = resp.headers.get("X-Seed") || String(data.seed);
-      const bytes = Number(resp.headers.get("Content-Length")) || 0;
+      const seed = resp.headers.get("X-Seed");
+      const timesteps = (resp.headers.get("X-Timesteps") || "").split(",").filter(Boolean).map(Number);
+      const withX0 = npy.shape.length === 4; // [2, steps + 1, n, 2]: frames, then x0 predicted from each frame
+      const [frameCount, n] = withX0 ? npy.shape.slice(1, 3) : npy.shape.slice(0, 2);
+      const elapsed = resp.headers.get("X-Elapsed-Ms");
+      delete query.include_x0;
       state.run = {
         query,
         seed,
-        sampler: data.sampler,
-        steps: data.steps,
-        spacing: data.spacing,
-        n: data.n,
+        sampler: resp.headers.get("X-Sampler"),
+        steps: timesteps.length,
+        spacing: resp.headers.get("X-Spacing"),
+        n,
         eta: query.eta,
-        timesteps: data.timesteps,
-        frames: data.frames.map((f) => Float32Array.from(f.flat())),
+        timesteps,
+        frames: splitFrames(npy.data, frameCount, n),
+        x0: withX0 ? splitFrames(npy.data, frameCount, n, frameCount * n * 2) : null,
       };
-      syncUrl(query);
-      el.seedHint.textContent = query.seed !== undefined ? "fixed seed" : `blank = random · this run: ${seed}`;
+      el.canvas.dataset.hasX0 = String(withX0);
+      // The same points again (x0 added): the forward frames and the quality figure still hold.
+      const sameRun = state.fwd && state.fwd.key === `${n}|${timesteps.length}|${seed}`;
+      if (!sameRun) {
+        state.fwd = null;
+        state.real = null;
+        el.quality.textContent = "";
+      }
+      state.t0 = t0;
+      state.firstFrameDrawn = false;
+      if (!keepSeed) syncUrl(query);
+      if (!keepSeed) el.seedHint.textContent = query.seed !== undefined ? "fixed seed" : `blank = random · this run: ${seed}`;
       el.latency.replaceChildren(
         strong(`${Math.round(roundTrip)} ms`), " round trip · ",
-        strong(`${data.elapsed_ms} ms`), " server compute · ",
-        `${data.n} points × ${data.frames.length} frames` + (bytes ? ` · ${formatBytes(bytes)}` : ""),
+        strong(`${elapsed} ms`), " server compute · ",
+        `${n} points × ${frameCount} frames` + (bytes ? ` · ${formatBytes(bytes)}` : ""),
         " · seed ", seedChip(seed),
       );
-      el.slider.max = String(state.run.frames.length - 1);
       el.slider.disabled = false;
       el.play.disabled = false;
       el.loadMp4.disabled = false;
-      el.canvas.dataset.frames = String(state.run.frames.length);
-      el.canvas.dataset.sampler = data.sampler;
-      const reduceMotion = window.matchMedia("(prefers-reduced-motion: reduce)").matches;
-      if (reduceMotion) {
-        pause();
-        setFrame(state.run.frames.length - 1);
-      } else {
-        setFrame(0);
-        play();
+      el.canvas.dataset.sampler = state.run.sampler;
+      if (sameRun) {
+        showRun();
+        return;
       }
+      const forward = loadForward(state.run, controller.signal); // real data and the noising, same n, steps, seed
+      if (state.mode === "forward") await forward;
+      showRun();
+      await forward;
+      await loadQuality(state.run, controller.signal);
     } catch (e) {
       if (e.name === "AbortError") return;
       showError(e.message, e.params || []);
@@ -224,6 +307,85 @@
         setBusy(false);
       }
     }
+  }
+
+  // The view's frames from the start: the first one now, then play (or the last one, for reduced motion).
+  function showRun() {
+    const frames = activeFrames();
+    if (!frames) return;
+    el.slider.max = String(frames.length - 1);
+    el.canvas.dataset.frames = String(frames.length);
+    prefetchFields();
+    if (window.matchMedia("(prefers-reduced-motion: reduce)").matches) {
+      pause();
+      setFrame(frames.length - 1);
+    } else {
+      setFrame(0);
+      play();
+    }
+  }
+
+  async function loadForward(run, signal) {
+    const q = { n: run.n, steps: run.steps, seed: run.seed };
+    const { resp, npy } = await getNpy("/forward", q, signal);
+    const levels = (resp.headers.get("X-Levels") || "").split(",").filter(Boolean).map(Number);
+    if (state.run !== run) return;
+    const key = `${run.n}|${run.steps}|${run.seed}`;
+    state.fwd = { key, levels, frames: splitFrames(npy.data, npy.shape[0], npy.shape[1]) };
+    state.real = state.fwd.frames[0];
+    el.canvas.dataset.forwardFrames = String(npy.shape[0]);
+    updateLegend();
+    if (state.mode === "forward") prefetchFields();
+    draw();
+  }
+
+  // The real-vs-real floor needs a second, independent real sample: the next seed's data.
+  async function loadQuality(run, signal) {
+    if (state.run !== run || !state.real) return;
+    const other = String((BigInt(run.seed) + 1n) % 2n ** 63n);
+    const floor = await getNpy("/forward", { n: run.n, steps: 1, seed: other }, signal);
+    if (state.run !== run) return;
+    showQuality(run, floor.npy.data.subarray(0, run.n * 2));
+  }
+
+  // ---------------------------------------------------------------- original vs generated
+
+  // Sliced Wasserstein-2 between two clouds (as training/metrics.py): the 1D W2 of their projections on fixed
+  // random directions, exact by sorting, averaged. On the first QUALITY.points points of each.
+  function slicedW2(a, b) {
+    const m = Math.min(a.length, b.length, 2 * QUALITY.points) / 2;
+    const rand = mulberry32(7);
+    const pa = new Float64Array(m);
+    const pb = new Float64Array(m);
+    let total = 0;
+    for (let d = 0; d < QUALITY.directions; d++) {
+      const angle = 2 * Math.PI * rand();
+      const c = Math.cos(angle);
+      const s = Math.sin(angle);
+      for (let i = 0; i < m; i++) {
+        pa[i] = a[2 * i] * c + a[2 * i + 1] * s;
+        pb[i] = b[2 * i] * c + b[2 * i + 1] * s;
+      }
+      pa.sort();
+      pb.sort();
+      let sum = 0;
+      for (let i = 0; i < m; i++) sum += (pa[i] - pb[i]) ** 2;
+      total += sum / m;
+    }
+    return { w2: Math.sqrt(total / QUALITY.directions), m };
+  }
+
+  function showQuality(run, otherReal) {
+    const generated = run.frames[run.frames.length - 1];
+    const model = slicedW2(generated, state.real);
+    const floor = slicedW2(otherReal, state.real);
+    const ratio = model.w2 / floor.w2;
+    el.quality.replaceChildren(
+      "Generated vs real: sliced W2 ", strong(model.w2.toFixed(3)),
+      " · real vs real (the floor at this n) ", strong(floor.w2.toFixed(3)),
+      ` · ${ratio.toFixed(2)}× the floor (${model.m} points, ${QUALITY.directions} directions; small n is noisy).`,
+    );
+    el.quality.dataset.ratio = ratio.toFixed(3);
   }
 
   function strong(text) {
@@ -287,6 +449,7 @@
       panel: get("--panel"), bg: get("--plot-bg"), grid: get("--plot-grid"), axis: get("--plot-axis"), text: get("--muted"),
       ref: get("--ref"), noise: hexToRgb(get("--noise")), final: hexToRgb(get("--accent")),
       captionBg: get("--caption-bg"), captionText: get("--text"),
+      real: get("--real"), x0: get("--x0"), field: get("--field"),
     };
   }
 
@@ -312,9 +475,11 @@
     const dpr = window.devicePixelRatio || 1;
     const width = el.canvas.getBoundingClientRect().width || 300;
     const size = Math.round(width * dpr);
-    if (el.canvas.width !== size || el.canvas.height !== size) {
-      el.canvas.width = size;
-      el.canvas.height = size;
+    for (const canvas of [el.canvas, el.canvasReal]) {
+      if (canvas.width !== size || canvas.height !== size) {
+        canvas.width = size;
+        canvas.height = size;
+      }
     }
     state.background = null;
     draw();
@@ -381,6 +546,112 @@
     return `rgb(${mix[0]}, ${mix[1]}, ${mix[2]})`;
   }
 
+  const activeFrames = () => (state.mode === "forward" ? state.fwd && state.fwd.frames : state.run && state.run.frames);
+
+  // The noise level of frame k, where the field is drawn: reverse frame k is the input of step k + 1 (the final
+  // samples are clean: level 0); forward frame 0 is the data (level 0), frame k is at levels[k - 1].
+  function frameLevel(k) {
+    if (state.mode === "forward") return k === 0 ? 0 : state.fwd.levels[k - 1];
+    const ts = state.run.timesteps;
+    return k < ts.length ? ts[k] : 0;
+  }
+
+  function drawCloud(c, g, pts, color, alpha, r) {
+    c.save();
+    clipPlot(c, g);
+    c.fillStyle = color;
+    c.globalAlpha = alpha;
+    c.beginPath();
+    for (let i = 0; i < pts.length; i += 2) {
+      const x = g.px(pts[i]);
+      const y = g.py(pts[i + 1]);
+      if (Number.isNaN(x) || Number.isNaN(y)) continue;
+      c.moveTo(x + r, y);
+      c.arc(x, y, r, 0, 2 * Math.PI);
+    }
+    c.fill();
+    c.restore();
+  }
+
+  function drawCaption(c, g, text) {
+    c.font = "600 12px system-ui, sans-serif";
+    const w = c.measureText(text).width + 12;
+    c.fillStyle = state.palette.captionBg;
+    c.fillRect(g.left + 6, g.top + 6, w, 20);
+    c.fillStyle = state.palette.captionText;
+    c.textAlign = "left";
+    c.textBaseline = "middle";
+    c.fillText(text, g.left + 12, g.top + 16);
+  }
+
+  // Arrows of -eps (the score's direction, score = -eps / sigma) on the /field grid, lengths relative to the
+  // longest at this level.
+  function drawField(c, g, field) {
+    const { points, eps } = field;
+    let longest = 0;
+    for (const [ex, ey] of eps) longest = Math.max(longest, Math.hypot(ex, ey));
+    if (!longest) return;
+    const cell = (g.plot * (2 * FIELD.extent)) / (2 * AXIS) / (FIELD.grid - 1);
+    const scale = (0.9 * cell) / longest;
+    c.save();
+    clipPlot(c, g);
+    c.strokeStyle = state.palette.field;
+    c.fillStyle = state.palette.field;
+    c.lineWidth = 1.2;
+    c.globalAlpha = 0.85;
+    c.beginPath();
+    const heads = [];
+    for (let i = 0; i < points.length; i++) {
+      const x = g.px(points[i][0]);
+      const y = g.py(points[i][1]);
+      const dx = -eps[i][0] * scale;
+      const dy = eps[i][1] * scale; // canvas y grows downwards
+      const len = Math.hypot(dx, dy);
+      if (len < 1.5) continue;
+      c.moveTo(x, y);
+      c.lineTo(x + dx, y + dy);
+      heads.push([x + dx, y + dy, dx / len, dy / len, Math.min(5, 0.45 * len)]);
+    }
+    c.stroke();
+    c.beginPath();
+    for (const [hx, hy, ux, uy, h] of heads) {
+      c.moveTo(hx, hy);
+      c.lineTo(hx - h * ux + 0.5 * h * uy, hy - h * uy - 0.5 * h * ux);
+      c.lineTo(hx - h * ux - 0.5 * h * uy, hy - h * uy + 0.5 * h * ux);
+      c.closePath();
+    }
+    c.fill();
+    c.restore();
+  }
+
+  function ensureField(t) {
+    if (!state.fieldRequests.has(t)) {
+      const request = (async () => {
+        try {
+          const body = await (await apiGet("/field", { t, grid: FIELD.grid, extent: FIELD.extent })).json();
+          state.fields.set(t, { points: body.points, eps: body.eps });
+          if (el.showField.checked && activeFrames() && frameLevel(state.frame) === t) draw();
+        } catch (e) {
+          state.fieldRequests.delete(t);
+          el.showField.checked = false;
+          updateLegend();
+          showError(`Field overlay: ${e.message}`);
+        }
+      })();
+      state.fieldRequests.set(t, request);
+    }
+    return state.fieldRequests.get(t);
+  }
+
+  // Every level of the process on screen, one request at a time, so arrows are there when playback reaches them.
+  async function prefetchFields() {
+    const frames = activeFrames();
+    for (let k = 0; frames && k < frames.length; k++) {
+      if (!el.showField.checked || activeFrames() !== frames) return;
+      await ensureField(frameLevel(k));
+    }
+  }
+
   function draw() {
     if (!state.palette) state.palette = readPalette();
     if (!state.background) state.background = renderBackground();
@@ -388,59 +659,123 @@
     ctx.setTransform(1, 0, 0, 1, 0, 0);
     ctx.drawImage(state.background, 0, 0);
     ctx.setTransform(g.dpr, 0, 0, g.dpr, 0, 0);
+    drawReal(g);
     const run = state.run;
-    if (!run) return;
-    const last = run.frames.length - 1;
+    const frames = activeFrames();
+    if (!run || !frames) return;
+    const last = frames.length - 1;
     const k = clamp(state.frame, 0, last);
-    const pts = run.frames[k];
+    const pts = frames[k];
     const n = pts.length / 2;
     const r = (n <= 600 ? 2.1 : n <= 2000 ? 1.6 : 1.2) * Math.max(0.75, g.plot / 520);
-    ctx.save();
-    clipPlot(ctx, g);
-    ctx.fillStyle = pointColor(last ? k / last : 1);
-    ctx.globalAlpha = n > 2000 ? 0.75 : 0.9;
-    ctx.beginPath();
-    for (let i = 0; i < pts.length; i += 2) {
-      const x = g.px(pts[i]);
-      const y = g.py(pts[i + 1]);
-      ctx.moveTo(x + r, y);
-      ctx.arc(x, y, r, 0, 2 * Math.PI);
+    const progress = last ? k / last : 1;
+    if (state.real && el.compare.value === "overlay") drawCloud(ctx, g, state.real, state.palette.real, 0.55, r);
+    const forward = state.mode === "forward";
+    drawCloud(ctx, g, pts, pointColor(forward ? 1 - progress : progress), n > 2000 ? 0.75 : 0.9, r);
+    const x0 = !forward && el.showX0.checked && run.x0 && k < last ? run.x0[k] : null;
+    if (x0) drawCloud(ctx, g, x0, state.palette.x0, 0.6, 0.8 * r);
+    el.canvas.dataset.x0Drawn = x0 ? String(k) : "";
+    el.canvas.dataset.fieldDrawn = "";
+    if (el.showField.checked) {
+      const t = frameLevel(k);
+      el.fieldLabel.textContent = `−ε̂ (score direction) at t = ${t}`;
+      const field = state.fields.get(t);
+      if (field) {
+        drawField(ctx, g, field);
+        el.canvas.dataset.fieldDrawn = String(t);
+      } else ensureField(t);
     }
-    ctx.fill();
-    ctx.restore();
-    // caption: sampler and step, like the MP4's
-    const caption = `${run.sampler} · step ${k}/${last}`;
-    ctx.font = "600 12px system-ui, sans-serif";
-    const w = ctx.measureText(caption).width + 12;
-    ctx.fillStyle = state.palette.captionBg;
-    ctx.fillRect(g.left + 6, g.top + 6, w, 20);
-    ctx.fillStyle = state.palette.captionText;
-    ctx.textAlign = "left";
-    ctx.textBaseline = "middle";
-    ctx.fillText(caption, g.left + 12, g.top + 16);
+    // caption: process and step, like the MP4's
+    const caption = forward
+      ? (k === 0 ? "forward · data x₀" : `forward · ${k}/${last} · t = ${state.fwd.levels[k - 1]}`)
+      : `${run.sampler} · step ${k}/${last}`;
+    drawCaption(ctx, g, caption);
+    el.canvas.dataset.mode = state.mode;
+    if (!state.firstFrameDrawn) {
+      state.firstFrameDrawn = true;
+      el.canvas.dataset.ttff = String(Math.round(performance.now() - state.t0));
+    }
+  }
+
+  // The side-by-side panel: real data alone, on the same axes.
+  function drawReal(g) {
+    if (el.canvasReal.hidden || !state.real) return;
+    const c = el.canvasReal.getContext("2d");
+    c.setTransform(1, 0, 0, 1, 0, 0);
+    c.drawImage(state.background, 0, 0);
+    c.setTransform(g.dpr, 0, 0, g.dpr, 0, 0);
+    const n = state.real.length / 2;
+    const r = (n <= 600 ? 2.1 : n <= 2000 ? 1.6 : 1.2) * Math.max(0.75, g.plot / 520);
+    drawCloud(c, g, state.real, state.palette.real, 0.8, r);
+    drawCaption(c, g, `real data · n = ${n}`);
+  }
+
+  // Side by side: two equal columns (stacked at phone width); the canvases' pixel sizes follow their new width.
+  function applyCompareLayout() {
+    const side = el.compare.value === "side";
+    if (el.canvasReal.hidden === !side) return;
+    el.canvasReal.hidden = !side;
+    el.canvasWrap.classList.toggle("side-by-side", side);
+    resizeCanvas();
+  }
+
+  function updateLegend() {
+    const forward = state.mode === "forward";
+    el.ptsLabel.textContent = forward ? "noised data" : "samples";
+    const real = el.compare.value !== "off";
+    el.realItem.hidden = !real;
+    el.x0Item.hidden = !(el.showX0.checked && !forward);
+    el.fieldItem.hidden = !el.showField.checked;
+    el.showX0.disabled = forward;
+    el.showX0.parentElement.title = forward ? "Predicted x₀ belongs to the reverse run" : "";
   }
 
   function setFrame(k) {
-    if (!state.run) return;
-    const last = state.run.frames.length - 1;
+    const frames = activeFrames();
+    if (!frames) return;
+    const last = frames.length - 1;
     state.frame = clamp(k, 0, last);
     el.slider.value = String(state.frame);
     el.canvas.dataset.frame = String(state.frame);
-    const t = state.frame > 0 ? state.run.timesteps[state.frame - 1] : null;
-    el.frameLabel.textContent =
-      state.frame === 0
-        ? `step 0/${last} · pure noise`
-        : state.frame === last
-          ? `step ${last}/${last} · final samples`
-          : `step ${state.frame}/${last} · after t = ${t}`;
+    if (state.mode === "forward") {
+      const t = state.frame > 0 ? state.fwd.levels[state.frame - 1] : null;
+      el.frameLabel.textContent =
+        state.frame === 0
+          ? `level 0/${last} · real data x₀`
+          : `level ${state.frame}/${last} · t = ${t}` + (state.frame === last ? " · ≈ pure noise" : "");
+    } else {
+      const t = state.frame > 0 ? state.run.timesteps[state.frame - 1] : null;
+      el.frameLabel.textContent =
+        state.frame === 0
+          ? `step 0/${last} · pure noise`
+          : state.frame === last
+            ? `step ${last}/${last} · final samples`
+            : `step ${state.frame}/${last} · after t = ${t}`;
+    }
     draw();
+  }
+
+  function setMode(mode) {
+    if (mode === state.mode) return;
+    state.mode = mode;
+    el.slider.setAttribute("aria-label", mode === "forward" ? "Noising level" : "Denoising step");
+    updateLegend();
+    const frames = activeFrames();
+    if (!frames) {
+      draw(); // the forward frames are still on their way: loadForward draws them
+      return;
+    }
+    el.slider.max = String(frames.length - 1);
+    el.canvas.dataset.frames = String(frames.length);
+    setFrame(state.frame); // the same position on the other process: scrub one, then the other
+    prefetchFields();
   }
 
   // ---------------------------------------------------------------- playback
 
   function play() {
-    if (!state.run) return;
-    if (state.frame >= state.run.frames.length - 1) setFrame(0);
+    if (!activeFrames()) return;
+    if (state.frame >= activeFrames().length - 1) setFrame(0);
     state.playing = true;
     state.clock = state.frame;
     state.lastTs = null;
@@ -456,13 +791,13 @@
   }
 
   function tick(ts) {
-    if (!state.playing || !state.run) return;
+    if (!state.playing || !activeFrames()) return;
     if (state.lastTs !== null) {
       const dt = Math.min(0.25, (ts - state.lastTs) / 1000);
       state.clock += dt * BASE_FPS * Number(el.speed.value);
     }
     state.lastTs = ts;
-    const last = state.run.frames.length - 1;
+    const last = activeFrames().length - 1;
     const k = Math.min(last, Math.floor(state.clock));
     if (k !== state.frame) setFrame(k);
     if (k >= last) {
@@ -477,6 +812,9 @@
   function animationUrl() {
     const run = state.run;
     // The same levels as the run on screen (tuned or trailing), so the video shows exactly that run.
+    if (state.mode === "forward") {
+      return `/animation?${new URLSearchParams({ process: "forward", n: run.n, steps: run.steps, seed: run.seed, fps: MP4.fps, size: MP4.size })}`;
+    }
     const q = { n: run.n, sampler: run.sampler, steps: run.steps, spacing: run.spacing, seed: run.seed, fps: MP4.fps, size: MP4.size };
     if (run.eta !== undefined) q.eta = run.eta;
     return `/animation?${new URLSearchParams(q)}`;
@@ -492,7 +830,8 @@
     el.video.onloadeddata = () => {
       const ms = Math.round(performance.now() - t0);
       el.videoStatus.textContent =
-        `${state.run.sampler}, seed ${state.run.seed}: ${el.video.duration.toFixed(1)} s video, ready in ${ms} ms.`;
+        `${url.includes("process=forward") ? "forward process" : state.run.sampler}, seed ${state.run.seed}: ` +
+        `${el.video.duration.toFixed(1)} s video, ready in ${ms} ms.`;
       el.video.play().catch(() => {}); // autoplay may be refused; the controls remain
     };
     el.video.onerror = async () => {
@@ -531,7 +870,7 @@
     if (s && el.steps.value !== "") el.steps.value = clamp(Math.round(Number(el.steps.value)) || s.steps.default, s.steps.min, s.steps.max);
     runTrajectory();
   });
-  el.eta.addEventListener("change", runTrajectory);
+  el.eta.addEventListener("change", () => runTrajectory());
   el.seed.addEventListener("input", () => {
     el.seedHint.textContent = el.seed.value.trim() ? "fixed seed" : "blank = random";
   });
@@ -544,7 +883,28 @@
     state.clock = state.frame;
   });
   el.loadMp4.addEventListener("click", loadMp4);
+  for (const radio of [el.processReverse, el.processForward]) {
+    radio.addEventListener("change", () => radio.checked && setMode(radio.value));
+  }
+  el.showField.addEventListener("change", () => {
+    updateLegend();
+    draw();
+    prefetchFields();
+  });
+  el.showX0.addEventListener("change", () => {
+    updateLegend();
+    if (el.showX0.checked && state.run && !state.run.x0) runTrajectory(true); // the same run, now with x0
+    else draw();
+  });
+  el.compare.addEventListener("change", () => {
+    updateLegend();
+    applyCompareLayout();
+    if (el.compare.value !== "off" && state.mode === "reverse" && state.run && !state.playing) {
+      setFrame(state.run.frames.length - 1); // original vs generated: the end of the run
+    } else draw();
+  });
   window.addEventListener("resize", resizeCanvas);
+  updateLegend();
   window.matchMedia("(prefers-color-scheme: dark)").addEventListener("change", () => {
     state.palette = null;
     state.background = null;

@@ -194,6 +194,30 @@ def test_cpu_file_is_the_gpu_api_without_the_gpu(gpu, cpu):
     assert {k: v for k, v in g_env.items() if k != "SWISSROLL_DEVICE"} == {
         k: v for k, v in c_env.items() if k != "SWISSROLL_DEVICE"
     }
-    for key in ("ports", "volumes", "healthcheck", "restart", "stop_signal", "stop_grace_period", "init", "cap_drop"):
+    keys = (
+        "ports",
+        "volumes",
+        "healthcheck",
+        "restart",
+        "stop_signal",
+        "stop_grace_period",
+        "init",
+        "cap_drop",
+        "ulimits",
+    )
+    for key in keys:
         assert g.get(key) == c.get(key), key
     assert g["image"] != c["image"]  # different torch builds must not overwrite each other's tag
+
+
+@pytest.mark.parametrize("which", ["gpu", "cpu"])
+def test_api_sets_the_server_limits_and_enough_file_descriptors(which, request):
+    # No proxy in front in compose: the server's own limits are all there is, so they are set explicitly.
+    api = request.getfixturevalue(which)["services"]["api"]
+    env = env_dict(api)
+    for name in ("MAX_HEADER_BYTES", "MAX_HEADERS", "HEADER_TIMEOUT_S", "MAX_CONNECTIONS"):
+        assert f"SWISSROLL_{name}" in env, name
+    settings = swissroll_settings(api)
+    nofile = api["ulimits"]["nofile"]
+    soft = nofile if isinstance(nofile, int) else nofile["soft"]
+    assert soft >= settings.max_connections + 64

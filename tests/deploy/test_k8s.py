@@ -93,7 +93,7 @@ def client():
 
 
 def test_the_expected_manifests():
-    assert [p.name for p in MANIFESTS] == ["deployment.yaml", "hpa.yaml", "pdb.yaml", "service.yaml"]
+    assert [p.name for p in MANIFESTS] == ["deployment.yaml", "hpa.yaml", "ingress.yaml", "pdb.yaml", "service.yaml"]
 
 
 def test_valid_against_the_kubernetes_schemas_strictly():
@@ -117,6 +117,7 @@ def test_api_versions(docs):
         "Service": "v1",
         "HorizontalPodAutoscaler": "autoscaling/v2",
         "PodDisruptionBudget": "policy/v1",
+        "Ingress": "networking.k8s.io/v1",
     }
 
 
@@ -212,3 +213,26 @@ def test_pdb_protects_the_pods_without_blocking_drains(docs, pod):
     pdb, hpa = docs["PodDisruptionBudget"]["spec"], docs["HorizontalPodAutoscaler"]["spec"]
     assert pdb["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert 1 <= pdb["minAvailable"] < hpa["minReplicas"]  # at least one pod may always be evicted
+
+
+def test_ingress_routes_to_the_service_and_adds_per_client_limits(docs, env):
+    ingress, service = docs["Ingress"], docs["Service"]
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == service["metadata"]["name"]
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    notes = ingress["metadata"]["annotations"]
+    prefix = "nginx.ingress.kubernetes.io/"
+    assert int(notes[prefix + "limit-connections"]) >= 1 and int(notes[prefix + "limit-rps"]) >= 1
+    # The proxy waits longer than the service's own deadline: the client gets the service's 504, not a proxy's.
+    request_timeout_s = float(
+        env.get("SWISSROLL_REQUEST_TIMEOUT_S", Settings.model_fields["request_timeout_s"].default)
+    )
+    assert float(notes[prefix + "proxy-read-timeout"]) > request_timeout_s
+
+
+def test_server_limits_are_set_in_the_pod(env):
+    values = {k.removeprefix("SWISSROLL_").lower(): v for k, v in env.items() if k.startswith("SWISSROLL_")}
+    settings = Settings(**values)
+    for name in ("max_header_bytes", "max_headers", "header_timeout_s", "max_connections"):
+        assert name in values, f"SWISSROLL_{name.upper()} not set explicitly in deployment.yaml"
+    assert settings.header_timeout_s < settings.request_timeout_s

@@ -27,7 +27,7 @@ def test_sampling_endpoints_need_a_key(locked, path):
     assert locked.get(path, headers={"Authorization": "Bearer other-key"}).status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/samplers", "/model", "/"])
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/samplers", "/"])
 def test_probes_and_metadata_stay_open(locked, path):
     assert locked.get(path).status_code == 200
 

@@ -4,6 +4,7 @@ Skips with a reason when chromium or the playwright package is missing, except u
 missing browser is a failure. Screenshots go to test-artifacts/.
 """
 
+import io
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
@@ -137,6 +139,11 @@ SET_FRAME = """(k) => {
 }"""
 
 
+def _npy(response) -> np.ndarray:
+    assert response.headers["content-type"] == "application/x-npy"
+    return np.load(io.BytesIO(response.body()), allow_pickle=False)
+
+
 def _open(page, server):
     with page.expect_response(lambda r: "/trajectory?" in r.url) as first:
         page.goto(server + "/")
@@ -147,7 +154,7 @@ def _open(page, server):
 
 def test_page_animates_trajectory_and_reports_errors(page, server):
     response = _open(page, server)
-    frames = len(response.json()["frames"])
+    frames = _npy(response).shape[0]  # the page asks for format=npy&dtype=float16
     assert int(page.get_attribute("#canvas", "data-frames")) == frames
     assert page.locator("#sampler option").count() == len(json.loads(_get(server + "/samplers")[1]))
 
@@ -257,3 +264,122 @@ def test_video_plays_mp4_from_animation(page, server):
     assert not page.is_visible("#error")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "page-video.png"), full_page=True)
+
+
+def _drawn_at(page, k: int) -> int:
+    page.evaluate(SET_FRAME, k)
+    return page.evaluate(COUNT_DRAWN)
+
+
+def test_forward_and_reverse_field_x0_and_real_data(page, server):
+    console_errors: list[str] = []
+    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+    response = _open(page, server)
+    assert "format=npy" in response.url and "dtype=float16" in response.url
+    frames = _npy(response).shape[0]
+    page.wait_for_function("document.getElementById('canvas').dataset.forwardFrames > 0")
+    assert int(page.get_attribute("#canvas", "data-forward-frames")) == frames  # same n, steps and seed
+    assert int(page.get_attribute("#canvas", "data-ttff")) > 0
+    reverse_noise = _drawn_at(page, 0)
+    reverse_noise_image = page.locator("#canvas").screenshot()
+    assert reverse_noise > PIXELS_MIN and _drawn_at(page, frames - 1) > PIXELS_MIN
+
+    # every new control is reachable from the keyboard: radios (arrow keys), checkboxes (space), select
+    page.focus("#process-reverse")
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function("document.getElementById('canvas').dataset.mode === 'forward'")
+    assert page.is_checked("#process-forward")
+    assert page.get_attribute("#slider", "aria-label") == "Noising level"
+    data_pixels = _drawn_at(page, 0)
+    data_image = page.locator("#canvas").screenshot()
+    assert data_pixels > PIXELS_MIN and data_image != reverse_noise_image
+    assert "real data" in page.inner_text("#frame-label")
+    assert _drawn_at(page, frames - 1) > PIXELS_MIN
+    assert "t = " in page.inner_text("#frame-label")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "show-field"
+    without_field = _drawn_at(page, frames // 2)
+    page.keyboard.press("Space")
+    page.wait_for_function("document.getElementById('canvas').dataset.fieldDrawn !== ''")
+    assert page.evaluate(COUNT_DRAWN) > without_field + 200  # the arrows add pixels
+    assert page.is_visible("#field-item")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "page-forward.png"), full_page=True)
+
+    # back to the reverse run at the same position; the overlay follows the frame's level while it plays
+    page.click("label[for=process-reverse]")
+    page.wait_for_function("document.getElementById('canvas').dataset.mode === 'reverse'")
+    page.evaluate(SET_FRAME, 0)
+    page.wait_for_function("document.getElementById('canvas').dataset.fieldDrawn !== ''")
+    first_level = page.get_attribute("#canvas", "data-field-drawn")
+    page.click("#play")
+    page.wait_for_function(
+        "(l) => { const c = document.getElementById('canvas');"
+        " return Number(c.dataset.frame) > 3 && c.dataset.fieldDrawn !== '' && c.dataset.fieldDrawn !== l; }",
+        arg=first_level,
+    )
+
+    # predicted x0: the same run again (same seed), now with x0
+    seed = page.inner_text("#latency .chip")
+    page.focus("#show-x0")
+    with page.expect_response(lambda r: "/trajectory?" in r.url and "include_x0=true" in r.url) as with_x0:
+        page.keyboard.press("Space")
+    assert f"seed={seed}" in with_x0.value.url and _npy(with_x0.value).shape[:2] == (2, frames)
+    page.wait_for_function("document.getElementById('canvas').dataset.hasX0 === 'true'")
+    pause = "(() => { const b = document.getElementById('play'); if (b.textContent.includes('❚')) b.click(); })()"
+    page.evaluate(pause)
+    page.evaluate(SET_FRAME, frames // 2)
+    assert page.get_attribute("#canvas", "data-x0-drawn") == str(frames // 2)
+
+    # original vs generated: real data side by side, with the sliced-W2 figure
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "compare"
+    page.select_option("#compare", "side")
+    page.wait_for_function("document.getElementById('quality').textContent.includes('sliced W2')")
+    assert page.is_visible("#canvas-real")
+    assert page.get_attribute("#canvas", "data-frame") == str(frames - 1)  # the end of the run
+    ratio = float(page.get_attribute("#quality", "data-ratio"))
+    assert 0.2 < ratio < 5, ratio  # the committed model is near the floor; a broken page is far from it
+    page.screenshot(path=str(ARTIFACTS / "page-views.png"), full_page=True)
+    page.select_option("#compare", "overlay")
+    assert not page.is_visible("#canvas-real") and page.is_visible("#real-item")
+
+    # the MP4 follows the process on screen
+    page.click("label[for=process-forward]")
+    with page.expect_response(lambda r: "/animation?" in r.url, timeout=60_000) as mp4:
+        page.click("#load-mp4")
+    assert "process=forward" in mp4.value.url and mp4.value.status in (200, 206)
+
+    assert not console_errors, console_errors
+
+    # API errors of the new endpoints are shown in the page (a fresh page: fields already fetched are cached)
+    page.route("**/field?*", lambda route: route.fulfill(status=503, json={"detail": "field queue full"}))
+    _open(page, server)
+    page.wait_for_function("document.getElementById('canvas').dataset.forwardFrames > 0")
+    page.check("#show-field")
+    page.wait_for_function("document.getElementById('error').textContent.includes('field queue full')")
+    assert not page.is_checked("#show-field")
+    page.unroute("**/field?*")
+    page.route("**/forward?*", lambda route: route.fulfill(status=422, json={"detail": [{"msg": "bad forward"}]}))
+    page.click("#run")
+    page.wait_for_function("document.getElementById('error').textContent.includes('bad forward')")
+    page.unroute("**/forward?*")
+    unexpected = [e for e in console_errors if not ("503" in e or "422" in e)]  # the browser logs failed loads
+    assert not unexpected, unexpected
+
+
+def test_new_controls_at_phone_width(page, server):
+    page.set_viewport_size({"width": 375, "height": 740})
+    _open(page, server)
+    page.wait_for_function("document.getElementById('canvas').dataset.forwardFrames > 0")
+    page.click("label[for=process-forward]")
+    page.check("#show-field")
+    page.select_option("#compare", "side")
+    page.wait_for_function("document.getElementById('canvas').dataset.fieldDrawn !== ''")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "page-views-phone.png"), full_page=True)
+    scroll_width = page.evaluate("document.documentElement.scrollWidth")
+    assert scroll_width <= 375 + 1, f"horizontal overflow at 375 px: scrollWidth {scroll_width}"
+    for selector in ("#canvas", "#canvas-real"):
+        box = page.locator(selector).bounding_box()
+        assert box and box["width"] >= 300 and box["x"] >= 0 and box["x"] + box["width"] <= 375

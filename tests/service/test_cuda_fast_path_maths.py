@@ -9,8 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from diffusion.checkpoint import load_model
-from diffusion.noise import Tape as NoiseTape
-from diffusion.noise import from_generator, initial_noise
+from diffusion.noise import Tape, from_generator, initial_noise
 from diffusion.samplers import SAMPLERS, timesteps
 from diffusion.step_coefficients import coefficient_table, noise_draws, run_reference
 from service.cuda_fast_path import CudaFastPath, TorchNet, draw_noise
@@ -117,13 +116,13 @@ def test_trajectory_ends_where_the_sample_does(fast):
 @pytest.mark.parametrize(("name", "steps", "params"), [c for c in CASES if c[0] != "dpmpp_2m"])
 def test_a_padded_static_buffer_replays_the_same_run(fast, name, steps, params):
     """What a captured graph sees: the request's block copied into a bucket-sized static buffer, consumed
-    through a NoiseTape. On CPU (aligned rows) the result is the unpadded run's, exactly."""
+    through a noise Tape. On CPU (aligned rows) the result is the unpadded run's, exactly."""
     ts, spec = timesteps(40, steps), SAMPLERS[name]
     drawn = draw_noise([(torch.Generator().manual_seed(5), 1000)], fast.noise_slots(spec, ts, params), "cpu")
     xz = torch.full((drawn.shape[0], 1024, 2), float("nan"))
     xz[:, :1000] = drawn
     xz[0, 1000:] = 0.0
-    out = spec.fn(fast.denoiser, xz[0], ts, NoiseTape(xz[1:]), None, **params)
+    out = spec.fn(fast.denoiser, xz[0], ts, Tape(xz[1:]), None, **params)
     assert torch.equal(out[:1000], fast.sample(spec, ts, params, [(torch.Generator().manual_seed(5), 1000)]))
 
 

@@ -165,3 +165,15 @@ def test_exported_network_is_the_trained_function(preset, tmp_path):
         t = torch.full((500,), level)
         with torch.no_grad():
             torch.testing.assert_close(module(x, t), net(x, t), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_training_uses_the_services_thread_choice(tmp_path, monkeypatch):
+    # SWISSROLL_TORCH_THREADS overrides for training as for the server; the checkpoint says what was used.
+    before = torch.get_num_threads()
+    monkeypatch.setenv("SWISSROLL_TORCH_THREADS", "1")
+    try:
+        meta = train(TrainConfig(**{**TINY, "epochs": 1}, out=str(tmp_path / "t.pt"), device="cpu"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert meta["training"]["threads"] == {"threads": 1, "source": "SWISSROLL_TORCH_THREADS=1"}

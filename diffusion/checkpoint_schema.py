@@ -1,0 +1,128 @@
+"""The declared schema of a checkpoint's metadata.json (format_version 1; the contract in checkpoints/README.md).
+
+Every type problem is found here, at load, and reported in one line (`describe_error`); nothing downstream has to
+re-check a type. Objects allow extra fields: newer trainers may add some (the contract says so). What depends on
+the network itself (the schedule buffer, T, the tuned schedules' levels) is checked by diffusion/checkpoint.py.
+"""
+
+import json
+import math
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+
+from diffusion.denoiser import PREDICTION_TYPES
+
+SUPPORTED_FORMAT_VERSIONS = (1,)
+# Deeper nesting anywhere is refused before validation (a JSON bomb of nested arrays stays one line).
+MAX_DEPTH = 64
+
+
+def _finite(x: float) -> float:
+    if not math.isfinite(x):
+        raise ValueError("must be finite")
+    return x
+
+
+Finite = Annotated[float, AfterValidator(_finite)]
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # JSON types as declared: no "1" for 1
+
+
+class DataInfo(_Open):
+    mean: tuple[Finite, Finite]
+    std: tuple[
+        Annotated[float, Field(gt=0), AfterValidator(_finite)], Annotated[float, Field(gt=0), AfterValidator(_finite)]
+    ]
+
+
+class SamplerQuality(_Open):
+    steps: StrictInt | None = None
+    sliced_w2: Finite | None = None
+    ratio_to_floor: Finite | None = None
+
+
+class Quality(_Open):
+    metric: str | None = None
+    n: StrictInt | None = None
+    floor: Finite | None = None
+    samplers: dict[str, SamplerQuality] = {}
+
+
+class CheckpointMetadata(_Open):
+    format_version: StrictInt
+    num_timesteps: Annotated[StrictInt, Field(ge=2, le=100_000)]
+    schedule: str
+    prediction_type: str
+    model: dict[str, Any] = {}
+    data: DataInfo
+    training: dict[str, Any]
+    created_at: str | None = None
+    # {sampler: {steps: [levels]}}; the levels are checked against T by the loader (parse_tuned_timesteps).
+    tuned_timesteps: dict[str, dict[str, list[StrictInt]]] = {}
+    timestep_search: dict[str, Any] = {}
+    quality: Quality = Field(default_factory=Quality)
+
+    @field_validator("format_version")
+    @classmethod
+    def _supported(cls, v: int) -> int:
+        if v not in SUPPORTED_FORMAT_VERSIONS:
+            raise ValueError(f"format_version {v} unsupported (this service reads {SUPPORTED_FORMAT_VERSIONS})")
+        return v
+
+    @field_validator("prediction_type")
+    @classmethod
+    def _known_prediction(cls, v: str) -> str:
+        if v not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {v!r} not one of {PREDICTION_TYPES}")
+        return v
+
+
+def depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """Nesting depth of decoded JSON, iteratively (no recursion), stopping once past `limit`."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, d = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, d)
+            if deepest > limit:
+                return deepest
+            stack.extend((v, d + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def describe_error(error: ValidationError) -> str:
+    """The first problem, in one line: 'lacks training', 'data.std.0: Input should be greater than 0', ..."""
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "missing":
+        return f"metadata.json lacks {loc}"
+    if first["type"] == "model_type" and not first["loc"]:
+        return f"metadata.json must be a JSON object, got {type(first['input']).__name__}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error":
+        return msg
+    shown = repr(first.get("input"))
+    shown = shown if len(shown) <= 60 else shown[:60] + "..."
+    return f"metadata.json {loc}: {msg}, got {shown}"
+
+
+def parse_metadata(text: str) -> tuple[dict, CheckpointMetadata]:
+    """metadata.json's text -> (the decoded object, its validated form); ValueError (one line) for anything the
+    contract does not allow: not JSON, not an object, nested absurdly deep, a missing key or a wrong type."""
+    try:
+        metadata = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"metadata.json is missing or not JSON ({e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"metadata.json nests deeper than {MAX_DEPTH} levels") from None
+    if depth(metadata) > MAX_DEPTH:
+        raise ValueError(f"metadata.json nests deeper than {MAX_DEPTH} levels")
+    if not isinstance(metadata, dict):
+        raise ValueError(f"metadata.json must be a JSON object, got {type(metadata).__name__}")
+    try:
+        return metadata, CheckpointMetadata.model_validate_json(text)
+    except ValidationError as e:
+        raise ValueError(describe_error(e)) from None

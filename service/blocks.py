@@ -1,0 +1,168 @@
+"""Block-parallel CPU sampling: a job's rows split into independent blocks, each running the whole sampler chain
+on one thread with one torch intra-op thread.
+
+Why not torch's own intra-op threads: every tensor op of a sampling job (hundreds per request) is an OpenMP
+parallel region ending in a barrier. When another process holds one of the cores, the thread that lost it
+arrives late at every barrier and the other spins or sleeps waiting: /sample?n=10000 went from ~110 ms to
+3-12 s beside a single busy process on a 2-core machine (bench/results/contention.md). Rows of a sampling job
+never interact, so blocks need no synchronization until the end: a descheduled block thread delays the job
+by its own share only, once.
+
+Bit-exact by construction, so a seed's points do not depend on the split, the thread count or the batch:
+- block boundaries fall on ROW_ALIGN, so each row meets the network at the same position modulo the vector
+  width as in one unsplit call (denoiser.ROW_ALIGN);
+- noise is drawn whole, per request, in the order the unsplit run draws it (x_T, then each step's noise, from
+  each request's own generator; SharedDraws), and every block takes its rows of each draw;
+- everything else is element-wise.
+"""
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from diffusion.denoiser import ROW_ALIGN
+from diffusion.noise import Noise
+from diffusion.samplers import Step
+
+# Smaller jobs run as one block on the calling thread. Below ~128-256 rows per block, per-op overhead (not
+# arithmetic) sets the time, so a split saves nothing (in-process, 2 cores: ddpm n = 100 ran ~4 ms split or not;
+# n = 1,000 in two blocks ~13 ms vs ~19 ms in one).
+MIN_BLOCK_ROWS = 256
+
+
+class SharedDraws:
+    """Every noise draw a sampler makes, drawn in full from the run's noise on first demand, shared by the blocks:
+    draw k of a split run equals draw k of the unsplit run."""
+
+    def __init__(self, noise: Noise, rows: int, blocks: int):
+        self.noise, self.rows, self.blocks = noise, rows, blocks
+        self._lock = threading.Lock()
+        self._draws: dict[int, torch.Tensor] = {}
+        self._taken: dict[int, int] = {}
+
+    def take(self, k: int, like: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            if k not in self._draws:
+                self._draws[k] = self.noise(like.new_empty((self.rows, *like.shape[1:])))
+                self._taken[k] = 0
+            full = self._taken[k] = self._taken[k] + 1
+            draw = self._draws[k] if full < self.blocks else self._draws.pop(k)  # last taker frees it
+        return draw
+
+
+class BlockNoise:
+    """One block's noise: its rows of each shared draw, in order."""
+
+    def __init__(self, tape: SharedDraws, start: int, stop: int):
+        self.tape, self.start, self.stop = tape, start, stop
+        self._k = 0
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        draw = self.tape.take(self._k, like)
+        self._k += 1
+        return draw[self.start : self.stop]
+
+
+def split_rows(rows: int, blocks: int) -> list[tuple[int, int]]:
+    """Up to `blocks` near-equal [start, stop) ranges, starts on ROW_ALIGN boundaries, none under MIN_BLOCK_ROWS."""
+    blocks = max(1, min(blocks, rows // MIN_BLOCK_ROWS))
+    units = -(-rows // ROW_ALIGN)
+    bounds = [min(rows, round(units * j / blocks) * ROW_ALIGN) for j in range(blocks + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+class BlockPool:
+    """Threads that run sampler chains on blocks of rows, each with one torch intra-op thread. The calling thread
+    runs the first block itself, so `threads` compute threads in all need threads - 1 here."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        # torch.set_num_threads is per thread (OpenMP ICV, MKL's local setting): it must run in each worker.
+        self._executor = ThreadPoolExecutor(
+            max(1, threads - 1), "swissroll-block", initializer=torch.set_num_threads, initargs=(1,)
+        )
+
+    def run(
+        self,
+        fn: Callable,
+        denoiser,
+        x: torch.Tensor,
+        ts,
+        noise: Noise,
+        check: Callable[[], None],
+        record: bool = False,
+        record_x0: bool = False,
+        **params,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """fn over x (x_T, drawn from `noise` already) in blocks; (x_0, states after each step, x0 per step)."""
+        ranges = split_rows(x.shape[0], self.threads)
+        tape = SharedDraws(noise, x.shape[0], len(ranges))
+        failed = threading.Event()
+
+        def block(start: int, stop: int):
+            frames, x0s = [], []
+
+            def callback(step: Step) -> None:
+                if failed.is_set():  # another block failed: its error is the job's answer, stop here
+                    raise _Abandoned
+                check()
+                if record:
+                    frames.append(step.x)
+                if record_x0:
+                    x0s.append(step.x0)
+
+            try:
+                out = fn(denoiser, x[start:stop], ts, BlockNoise(tape, start, stop), callback, **params)
+            except BaseException:
+                failed.set()
+                raise
+            return out, frames, x0s
+
+        futures = [self._executor.submit(block, a, b) for a, b in ranges[1:]]
+        results, error = [], None
+        for run_here in [lambda: block(*ranges[0])] + [f.result for f in futures]:
+            try:
+                results.append(run_here())
+            except _Abandoned:
+                pass
+            except BaseException as e:  # every block has stopped before the job's error is raised
+                error = error or e
+        if error is not None:
+            raise error
+        outs, frames, x0s = zip(*results, strict=True)
+        per_step = [[torch.cat(f) for f in zip(*rows, strict=True)] for rows in (frames, x0s)]
+        return torch.cat(outs), per_step[0], per_step[1]
+
+
+class _Abandoned(Exception):
+    pass
+
+
+def run_sampler(
+    pool: BlockPool | None,
+    fn: Callable,
+    denoiser,
+    x: torch.Tensor,
+    ts,
+    noise: Noise,
+    check: Callable[[], None],
+    record: bool = False,
+    record_x0: bool = False,
+    **params,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """A sampler run for the service: split over `pool` on CPU, else one chain on this thread (on a GPU the
+    device parallelizes each op; blocks would only add launches). check() runs after every step."""
+    if pool is not None and x.device.type == "cpu":
+        return pool.run(fn, denoiser, x, ts, noise, check, record, record_x0, **params)
+    frames, x0s = [], []
+
+    def callback(step: Step) -> None:
+        check()
+        if record:
+            frames.append(step.x)
+        if record_x0:
+            x0s.append(step.x0)
+
+    return fn(denoiser, x, ts, noise, callback, **params), frames, x0s

@@ -1,0 +1,153 @@
+"""Limits of the embedded HTTP server that uvicorn does not give: a header-read timeout and a connection cap.
+
+uvicorn's h11 protocol bounds the request head (h11's max_incomplete_event_size) but answers 400 and keeps no
+timer while a client sends its headers; httptools bounds nothing. This subclass of uvicorn's h11 protocol adds:
+
+- `max_header_bytes`: request line + headers of one request; beyond it 431 and close (counted here as bytes
+  arrive, so a client cannot make the server buffer more; h11's own buffer limit is the backstop);
+- `header_timeout_s`: from connection (or the end of the previous response) to the end of the request head;
+  beyond it 408 and close (a client dripping one byte every few seconds is cut off);
+- `max_connections`: a connection beyond it gets a 503 at once and is closed (file descriptors stay available,
+  the refusal is logged at most once per 10 s and counted in `swissroll_connections_refused_total`).
+
+Header count (`max_headers`) is checked by `HeaderCountLimit`, an ASGI middleware, so it holds in-process too.
+"""
+
+import logging
+import time
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from service.metrics import Metrics
+
+log = logging.getLogger("swissroll")
+
+
+def _plain_response(status: int, reason: str, body: str, extra: bytes = b"") -> bytes:
+    data = body.encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(data)}\r\nconnection: close\r\n".encode()
+        + extra
+        + b"\r\n"
+        + data
+    )
+
+
+class _RateLimitedLog:
+    """One warning per `every_s` for a repeated event, with how many happened since the last one."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s, self.last, self.count = every_s, float("-inf"), 0
+
+    def __call__(self, message: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            log.warning(f"{message} ({self.count} since the last such warning)")
+            self.last, self.count = now, 0
+
+
+def limited_h11_protocol(
+    max_header_bytes: int, header_timeout_s: float, max_connections: int, metrics: Metrics | None = None
+) -> type[H11Protocol]:
+    """An H11Protocol class with these limits (uvicorn.Config(http=...) takes a class)."""
+    refused_log, slow_log, large_log = _RateLimitedLog(), _RateLimitedLog(), _RateLimitedLog()
+
+    def count(reason: str) -> None:
+        if metrics is not None:
+            metrics.connections_refused.labels(reason).inc()
+
+    class LimitedH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._head_bytes = 0
+            self._head_timer = None
+            if len(self.connections) > max_connections:
+                count("max_connections")
+                refused_log(f"connection refused: {max_connections} connections open (SWISSROLL_MAX_CONNECTIONS)")
+                self._reject(503, "Service Unavailable", "too many connections; retry later\n", b"retry-after: 1\r\n")
+                return
+            self._arm_head_timer()
+
+        def _arm_head_timer(self) -> None:
+            self._cancel_head_timer()
+            self._head_bytes = 0
+            self._head_timer = self.loop.call_later(header_timeout_s, self._head_timeout)
+
+        def _cancel_head_timer(self) -> None:
+            if getattr(self, "_head_timer", None) is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _reading_head(self) -> bool:
+            return self.conn.their_state is h11.IDLE
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if self._reading_head() and not self.transport.is_closing():
+                count("header_timeout")
+                slow_log(f"connection closed: request head not received within {header_timeout_s:g} s")
+                if self._head_bytes:
+                    self._reject(408, "Request Timeout", "request headers not received in time\n")
+                else:
+                    self.transport.close()  # idle connection: nothing to answer
+
+        def _reject(self, status: int, reason: str, body: str, extra: bytes = b"") -> None:
+            self._cancel_head_timer()
+            self._unset_keepalive_if_required()
+            if not self.transport.is_closing():
+                self.transport.write(_plain_response(status, reason, body, extra))
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            if self.transport.is_closing():
+                return  # refused or timed out: drop whatever else arrives
+            if self._reading_head():
+                self._head_bytes += len(data)
+                if self._head_bytes > max_header_bytes:
+                    count("header_too_large")
+                    large_log(
+                        f"request refused: head larger than {max_header_bytes} bytes (SWISSROLL_MAX_HEADER_BYTES)"
+                    )
+                    self._reject(431, "Request Header Fields Too Large", "request header fields too large\n")
+                    return
+            super().data_received(data)
+            if not self._reading_head():
+                self._cancel_head_timer()  # the head is complete: the request runs under its own deadline
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_head_timer()  # the next request's head gets the same time (uvicorn's keep-alive is shorter)
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+    return LimitedH11Protocol
+
+
+class HeaderCountLimit:
+    """ASGI middleware: more than `max_headers` header fields is answered 431 before any route runs."""
+
+    def __init__(self, app, max_headers: int):
+        self.app, self.max_headers = app, max_headers
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and len(scope["headers"]) > self.max_headers:
+            body = f"more than {self.max_headers} header fields\n".encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 431,
+                    "headers": [
+                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"content-length", b"%d" % len(body)),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)

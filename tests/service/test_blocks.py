@@ -1,0 +1,152 @@
+"""Block-parallel CPU sampling: a seed's points are the same bits whatever the split, thread count or batch."""
+
+import threading
+from contextlib import contextmanager
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from bench.live_server import REPO
+from diffusion.checkpoint import load_model
+from diffusion.denoiser import ROW_ALIGN
+from diffusion.noise import from_generator, from_sources
+from diffusion.samplers import get_sampler, sample
+from service.app import create_app
+from service.batching import run_batch
+from service.blocks import MIN_BLOCK_ROWS, BlockNoise, BlockPool, SharedDraws, split_rows
+from service.compute import DeadlineExceeded, Job
+from service.sampling import plan, run_plan
+from service.schemas import SampleParams
+from service.settings import Settings
+
+CHECKPOINT = REPO / "checkpoints" / "swissroll.pt"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(CHECKPOINT, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def pools():
+    return {k: BlockPool(k) for k in (2, 3, 5)}
+
+
+@contextmanager
+def intra_op_threads(k: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(k)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    # The unsplit reference runs with one intra-op thread: alone, single-threaded.
+    with intra_op_threads(1):
+        yield
+
+
+def job(blocks=None, deadline=float("inf")) -> Job:
+    return Job(deadline, threading.Event(), blocks=blocks)
+
+
+@pytest.mark.parametrize("rows", [1, 15, 16, 255, 512, 1000, 4097, 100_000])
+@pytest.mark.parametrize("blocks", [1, 2, 3, 8])
+def test_split_covers_the_rows_on_row_align_boundaries(rows, blocks):
+    ranges = split_rows(rows, blocks)
+    assert ranges[0][0] == 0 and ranges[-1][1] == rows
+    assert all(a == prev_b for (a, _), (_, prev_b) in zip(ranges[1:], ranges, strict=False))
+    assert all(a % ROW_ALIGN == 0 for a, _ in ranges)
+    assert len(ranges) == max(1, min(blocks, rows // MIN_BLOCK_ROWS))
+    assert len(ranges) == 1 or all(b - a >= MIN_BLOCK_ROWS - ROW_ALIGN for a, b in ranges)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"), [("ddpm", {}), ("dpmpp_2m", {}), ("ddpm_x0", {}), ("ddim", {"eta": 1.0}), ("ddim", {})]
+)
+@pytest.mark.parametrize("reference_threads", [1, 2])
+def test_split_is_bit_identical_to_the_unsplit_run(model, pools, name, params, reference_threads):
+    # n = 1000 over 2, 3 and 5 blocks (1000 / 5 = 200 rows < MIN_BLOCK_ROWS: 3 blocks), frames and x0 included,
+    # against one unsplit chain alone with 1 intra-op thread and with 2 (the old intra_op path).
+    p = plan(model, SampleParams(n=1000, sampler=name, seed=11, **params))
+    with intra_op_threads(reference_threads):
+        alone = run_plan(model, p, job(), record=True, record_x0=True)
+    assert torch.equal(
+        torch.from_numpy(alone[0]), sample(model.denoiser, name, 1000, torch.Generator().manual_seed(11), **params)
+    )
+    for k, pool in pools.items():
+        split = run_plan(model, p, job(pool), record=True, record_x0=True)
+        for a, b in zip(alone, split, strict=True):
+            assert a.shape == b.shape and (a == b).all(), f"{name} differs split over {k} threads"
+
+
+def test_batched_and_split_equals_each_request_alone(model, pools, one_thread):
+    # Requests straddle block boundaries and carry alignment padding between them.
+    sizes = [(3, 1), (700, 2), (17, 3), (1000, 4), (250, 5)]
+    spec = get_sampler("ddpm")
+    plans = [plan(model, SampleParams(n=n, sampler="ddpm", seed=seed)) for n, seed in sizes]
+    for pool in pools.values():
+        batched = run_batch(model, plans, job(pool))
+        for (n, seed), got in zip(sizes, batched, strict=True):
+            expected = sample(model.denoiser, spec.name, n, torch.Generator().manual_seed(seed)).numpy()
+            assert (got == expected).all(), f"n={n} seed={seed} differs batched and split over {pool.threads}"
+
+
+def test_blocks_run_single_threaded_and_leave_the_caller_alone(model, pools):
+    seen = []
+
+    def probe(denoiser, x, ts, noise, callback=None):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return x
+
+    before = torch.get_num_threads()
+    zeros = torch.zeros(3 * MIN_BLOCK_ROWS, 2)
+    pools[3].run(probe, model.denoiser, zeros, [0], from_generator(torch.Generator()), lambda: None)
+    workers = [threads for name, threads in seen if name.startswith("swissroll-block")]
+    assert len(seen) == 3 and len(workers) == 2 and workers == [1, 1]
+    assert torch.get_num_threads() == before  # set_num_threads in the workers did not reach this thread
+
+
+def test_deadline_in_one_block_stops_the_job_and_the_pool_stays_usable(model, pools):
+    p = plan(model, SampleParams(n=2000, sampler="ddpm", seed=0))
+    steps = []
+
+    class Expiring(Job):
+        def check(self, *_args):
+            steps.append(threading.current_thread().name)
+            if len(steps) > 6:
+                raise DeadlineExceeded
+
+    with pytest.raises(DeadlineExceeded):
+        run_plan(model, p, Expiring(float("inf"), threading.Event(), blocks=pools[2]))
+    assert len(steps) < p.steps * 2  # the other block stopped too, at its next step
+    out, _, _ = run_plan(model, p, job(pools[2]))
+    assert out.shape == (2000, 2)
+
+
+def test_shared_draws_hand_every_block_its_rows_of_one_draw_and_free_it():
+    sources = [(torch.Generator().manual_seed(1), 40), (None, 8), (torch.Generator().manual_seed(2), 32)]
+    tape = SharedDraws(from_sources(sources), rows=80, blocks=2)
+    first, second = BlockNoise(tape, 0, 48), BlockNoise(tape, 48, 80)
+    like = torch.empty(1, 2)
+    draws = [torch.cat([first(like), second(like)]) for _ in range(2)]
+    assert not tape._draws  # both blocks took both draws: nothing kept
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    for draw in draws:
+        assert torch.equal(draw[:40], torch.randn(40, 2, generator=g1)) and not draw[40:48].any()
+        assert torch.equal(draw[48:], torch.randn(32, 2, generator=g2))
+
+
+def test_served_points_with_two_block_threads_equal_the_sampler_alone(tiny_checkpoint, one_thread):
+    settings = Settings(checkpoint=tiny_checkpoint, device="cpu", torch_threads=2)
+    app = create_app(settings)
+    with TestClient(app) as client:
+        assert app.state.gate.blocks is not None and app.state.gate.blocks.threads == 2
+        for name in ("ddpm", "dpmpp_2m"):
+            body = client.get(f"/sample?n=1000&sampler={name}&seed=5").json()
+            direct = sample(app.state.model.denoiser, name, 1000, torch.Generator().manual_seed(5))
+            assert torch.equal(torch.tensor(body["points"], dtype=torch.float32), direct)
