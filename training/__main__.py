@@ -25,6 +25,7 @@ HELP = {
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
     "tune_restarts": "random starts of the timestep-schedule search after training (its cost is linear in them)",
     "tune_points": "fresh real points scoring the searched schedules",
+    "tune_search_points": "noise points on which the schedule search measures each candidate's error",
     "out": "checkpoint path (written atomically); the loss curve goes next to it as .loss.png",
 }
 

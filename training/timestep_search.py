@@ -91,7 +91,12 @@ def search_timesteps(
 
 
 def tune(
-    denoiser: Denoiser, real: np.ndarray | None = None, seed: int = TUNING_SEED, restarts: int = 10, plan=TUNE_STEPS
+    denoiser: Denoiser,
+    real: np.ndarray | None = None,
+    seed: int = TUNING_SEED,
+    restarts: int = 10,
+    plan=TUNE_STEPS,
+    n: int = 8192,
 ) -> tuple[dict, dict]:
     """(metadata["tuned_timesteps"], metadata["timestep_search"]) for every sampler and step count in `plan`.
     With `real` (fresh data points, normalized), local minima are scored by sliced W2 against it.
@@ -111,7 +116,7 @@ def tune(
         )
         for steps in step_counts:
             if steps <= denoiser.num_timesteps:
-                r = search_timesteps(denoiser, sampler, steps, score, seed=seed, restarts=restarts)
+                r = search_timesteps(denoiser, sampler, steps, score, n=n, seed=seed, restarts=restarts)
                 tuned.setdefault(sampler, {})[str(steps)] = r.timesteps
                 report.setdefault(sampler, {})[str(steps)] = {
                     k: round(v, 6) for k, v in vars(r).items() if k != "timesteps" and v is not None

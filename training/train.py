@@ -43,6 +43,7 @@ class TrainConfig:
     evaluate: bool = True  # tune the few-step schedules, measure every sampler, store both in the metadata
     tune_restarts: int = 10  # the schedule search's random starts (its cost is linear in them)
     tune_points: int = 50_000  # fresh real points scoring the schedules' local minima
+    tune_search_points: int = 8192  # noise points on which the search measures each schedule's error
     progress: bool = True
     notes: dict = field(default_factory=dict)
 
@@ -63,6 +64,7 @@ class TrainConfig:
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
             (self.tune_restarts >= 0, f"tune_restarts must be >= 0, got {self.tune_restarts}"),
             (self.tune_points >= 100, f"tune_points must be >= 100, got {self.tune_points}"),
+            (self.tune_search_points >= 16, f"tune_search_points must be >= 16, got {self.tune_search_points}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -211,7 +213,8 @@ def tune_and_measure(config: TrainConfig, fitted: Fitted) -> dict:
     data = fitted.data
     # Fresh points from a seed of their own: the benchmark's and quality_summary's references stay unseen.
     real = fresh_real(config.tune_points, config.data_noise, TUNING_SEED, data.mean, data.std)
-    tuned, search = tune(denoiser, real, seed=TUNING_SEED, restarts=config.tune_restarts)
+    budget = {"restarts": config.tune_restarts, "n": config.tune_search_points}
+    tuned, search = tune(denoiser, real, seed=TUNING_SEED, **budget)
     denoiser = replace(denoiser, tuned_timesteps=parse_tuned_timesteps(tuned, config.num_timesteps))
     quality = quality_summary(denoiser, data.mean, data.std, config.data_noise)
     return {"tuned_timesteps": tuned, "timestep_search": search, "quality": quality}

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from diffusion.samplers import timesteps
 from service.app import create_app
 from service.forward import forward_levels
-from tests.service.conftest import TINY_T, make_settings
+from tests.utils.checkpoints import TINY_T, make_settings
 from training.evaluate import fresh_real
 from training.metrics import sliced_w2
 

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from bench.live_server import LiveServer
 from service.app import create_app
 from service.compute import ComputeGate, Overloaded, _Waiting
-from tests.service.conftest import make_settings, write_tiny_checkpoint
+from tests.utils.checkpoints import make_settings, write_tiny_checkpoint
 
 KEY = "s3cret-key-123"
 LIMITS = {"SWISSROLL_MAX_CONNECTIONS": "8", "SWISSROLL_HEADER_TIMEOUT_S": "1", "SWISSROLL_WARMUP": "false"}

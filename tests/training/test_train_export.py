@@ -135,7 +135,7 @@ def test_cli_help_documents_every_option(capsys):
 
 def test_quality_is_measured_and_stored(tmp_path):
     # A small tuning budget: the search itself is tested in test_timestep_search.py.
-    budget = {"tune_restarts": 1, "tune_points": 5000}
+    budget = {"tune_restarts": 1, "tune_points": 5000, "tune_search_points": 512}
     meta = train(TrainConfig(**{**TINY, "evaluate": True, "epochs": 1, **budget}, out=str(tmp_path / "q.pt")))
     _, stored = load_checkpoint(tmp_path / "q.pt")
     quality = stored["quality"]
