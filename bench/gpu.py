@@ -29,8 +29,8 @@ from diffusion.checkpoint import load_model
 from diffusion.samplers import get_sampler, resolve_timesteps
 from service.cuda_fast_path import CudaFastPath
 from service.graph_cache import GraphCache
+from training.distances import sliced_w2
 from training.evaluate import fresh_real
-from training.metrics import sliced_w2
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

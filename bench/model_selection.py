@@ -13,8 +13,8 @@ import torch
 
 from diffusion.checkpoint import load_model
 from diffusion.samplers import sample
+from training.distances import sliced_w2
 from training.evaluate import fresh_real
-from training.metrics import sliced_w2
 from training.model import PRESETS, NetConfig, flops_per_sample
 from training.train import TrainConfig, train
 

@@ -17,8 +17,8 @@ import torch
 from diffusion.checkpoint import load_model
 from diffusion.cpus import threads_from_env
 from diffusion.samplers import SAMPLERS, resolve_timesteps, sample
+from training.distances import all_metrics, sliced_w2
 from training.evaluate import fresh_real
-from training.metrics import all_metrics, sliced_w2
 from training.train import TrainConfig, train
 
 RESULTS = Path(__file__).parent / "results"

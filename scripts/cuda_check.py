@@ -25,8 +25,8 @@ from diffusion.noise import from_generator, initial_noise  # noqa: E402
 from diffusion.samplers import get_sampler, sample, timesteps  # noqa: E402
 from service.cuda_fast_path import CudaFastPath  # noqa: E402
 from service.graph_cache import GraphCache  # noqa: E402
+from training.distances import sliced_w2  # noqa: E402
 from training.evaluate import fresh_real  # noqa: E402
-from training.metrics import sliced_w2  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "checkpoints" / "swissroll.pt"

@@ -124,6 +124,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         log.info(json.dumps({"event": "ready", **model_info, **app.state.threads}))
         yield
         app.state.ready = False
+        gate.close()
 
     app = FastAPI(
         title="swissroll-diffusion",

@@ -98,7 +98,7 @@ class Batcher:
             self._active -= 1
 
     async def _sample(self, model: LoadedModel, plan: Plan, is_disconnected) -> tuple[np.ndarray, Timing]:
-        key = (plan.spec.name, plan.timesteps, tuple(sorted(plan.params.items())))
+        key = plan.key()
         batch = self._open.get(key)
         index = batch.join(plan, self.max_batch_points, is_disconnected) if batch is not None else None
         leader = index is None

@@ -84,6 +84,9 @@ class BlockPool:
             max(1, threads - 1), "swissroll-block", initializer=torch.set_num_threads, initargs=(1,)
         )
 
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
     def run(
         self,
         fn: Callable,

@@ -154,6 +154,13 @@ class ComputeGate:
         """Seed the per-job time from a measured small run (the warm-up), before any request has taught it."""
         self._ewma_job_s = job_s
 
+    def close(self) -> None:
+        """At shutdown (the app's lifespan): refuse new work and let the compute threads end with the process."""
+        self.accepting = False
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.blocks is not None:
+            self.blocks.close()
+
     def abort(self) -> None:
         """The drain time is over: running jobs stop at their next step, waiting ones are refused (503)."""
         self.accepting = False

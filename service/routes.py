@@ -165,7 +165,7 @@ async def animation(
     else:
         p = plan(model, params)
         request.state.sampler = p.spec.name
-        key = f"{model.id}|reverse|{p.spec.name}|{p.timesteps}|{p.params.get('eta')}|{p.seed}|{p.n}|{params.fps}|{size}"
+        key = f"{model.id}|reverse|{p.key()}|{p.seed}|{p.n}|{params.fps}|{size}"
         seed = p.seed
     etag = f'"{hashlib.sha256(key.encode()).hexdigest()[:32]}"'
     headers = {"X-Seed": str(seed)}

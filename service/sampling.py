@@ -45,6 +45,11 @@ class Plan:
         """Points x network evaluations: what admission control estimates compute time from."""
         return self.n * self.steps
 
+    def key(self) -> tuple:
+        """What decides the computation apart from n and the seed: plans with equal keys share network calls
+        (batching.py); with the seed and n it names one result (the /animation cache and its ETag)."""
+        return (self.spec.name, self.timesteps, tuple(sorted(self.params.items())))
+
     def describe(self) -> dict:
         return {
             "n": self.n,

@@ -6,7 +6,7 @@ import torch
 from diffusion.denoiser import Denoiser
 from diffusion.samplers import SAMPLERS, sample
 from training.data import raw_swiss_roll
-from training.metrics import sliced_w2
+from training.distances import sliced_w2
 
 
 def fresh_real(n: int, noise: float, seed: int, mean, std) -> np.ndarray:

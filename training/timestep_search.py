@@ -19,7 +19,7 @@ import torch
 from diffusion.denoiser import Denoiser
 from diffusion.noise import forbidden
 from diffusion.samplers import SAMPLERS, timesteps
-from training.metrics import sliced_w2
+from training.distances import sliced_w2
 
 # Noise and data seeds of the search's own: no benchmark or quality summary uses them (see tune()).
 TUNING_SEED = 54_321

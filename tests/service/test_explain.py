@@ -14,8 +14,8 @@ from diffusion.samplers import timesteps
 from service.app import create_app
 from service.forward import forward_levels
 from tests.utils.checkpoints import TINY_T, make_settings
+from training.distances import sliced_w2
 from training.evaluate import fresh_real
-from training.metrics import sliced_w2
 
 ROOT = Path(__file__).resolve().parents[2]
 

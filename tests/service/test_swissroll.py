@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from service.swissroll import real_points, swiss_roll
+from training.distances import sliced_w2
 from training.evaluate import fresh_real
-from training.metrics import sliced_w2
 
 DATA = {"noise": 0.5, "mean": [2.0001, 0.2054], "std": [6.6473, 6.9516]}  # the committed checkpoint's recipe
 N = 20_000
