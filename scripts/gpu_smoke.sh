@@ -189,7 +189,7 @@ if "$PYTHON" -m training --help | grep -q -- --no-evaluate; then TRAIN_ARGS+=(--
 timeout 180 "$PYTHON" -m training "${TRAIN_ARGS[@]}"
 "$PYTHON" - "$WORK/retrained.pt" <<'PY'
 import sys
-from service.checkpoint import load_model, resolve_device
+from diffusion.checkpoint import load_model, resolve_device
 m = load_model(sys.argv[1], resolve_device("auto"))
 t = m.metadata["training"]
 print(f"retrained checkpoint loads: id {m.id[:12]}, device {m.device}, trained on {t.get('device')}, "

@@ -5,10 +5,10 @@ import threading
 import pytest
 import torch
 
+from diffusion import samplers as S
 from diffusion.noise import from_generator, from_sources
 from diffusion.samplers import SAMPLERS, SamplerError, sample, timesteps
 from diffusion.schedules import make_alphas_cumprod
-from service import samplers as S
 from tests.diffusion.gaussian_oracle import MU, SIGMA, empirical_moments, exact_moments, oracle
 
 AB40 = make_alphas_cumprod("cosine", 40)  # the service's schedule

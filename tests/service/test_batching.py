@@ -110,7 +110,7 @@ def test_batches_respect_max_batch_points(counted):
 
 
 def test_large_batches_are_chunked_without_changing_any_row(counted):
-    from service import denoiser as D
+    from diffusion import denoiser as D
 
     model, net = counted
     x = torch.randn(3 * D.FORWARD_CHUNK + 5, 2, generator=torch.Generator().manual_seed(0))
@@ -125,7 +125,7 @@ def test_large_batches_are_chunked_without_changing_any_row(counted):
 def test_accelerator_path_is_one_call_with_the_same_predictions(counted):
     # On CUDA the network runs once per step, unpadded (measured 7x faster at 100k rows on an H200, see
     # bench/results/gpu_h200.md). CI has no GPU: the same code path is checked on CPU tensors.
-    from service import denoiser as D
+    from diffusion import denoiser as D
 
     model, net = counted
     x = torch.randn(2 * D.FORWARD_CHUNK + 5, 2, generator=torch.Generator().manual_seed(1))
