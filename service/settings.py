@@ -16,7 +16,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    # 0 = one thread per CPU this process may use (affinity mask and cgroup quota, service/cpus.py). One
+    # 0 = one thread per CPU this process may use (affinity mask and cgroup quota, diffusion/cpus.py). One
     # sampling job at a time uses them all, so concurrent requests queue for the cores instead of oversubscribing.
     torch_threads: int = Field(0, ge=0, le=256)
     # How a CPU job uses those threads. "blocks": rows split into independent blocks, one single-threaded
