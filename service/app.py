@@ -21,7 +21,7 @@ from diffusion.checkpoint import LoadedModel, load_model, resolve_device
 from diffusion.cpus import choose_threads
 from diffusion.samplers import SAMPLERS, SamplerError
 from service.batching import Batcher
-from service.blocks import MIN_BLOCK_ROWS, BlockPool
+from service.blocks import BlockPool
 from service.compute import Cancelled, ComputeGate, DeadlineExceeded, Job, Overloaded
 from service.cuda_fast_path import CudaFastPath
 from service.encoding import json_response
@@ -77,7 +77,7 @@ def _warm_up(model: LoadedModel, blocks: BlockPool | None) -> float:
     """One small run of every sampler: first-call costs (allocator, kernels, block threads, the CUDA fast path's
     compiles and captures) are paid before ready. Returns the time of one more small (default) run: admission
     control's first estimate of a job's time."""
-    n = MIN_BLOCK_ROWS * blocks.threads if blocks is not None else 64  # big enough to reach every block thread
+    n = blocks.min_block_rows * blocks.threads if blocks is not None else 64  # reaches every block thread
     for name in SAMPLERS:
         p = plan(model, SampleParams(n=n, sampler=name, seed=0))
         run_plan(model, p, Job(float("inf"), threading.Event(), blocks), record=True)

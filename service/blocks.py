@@ -26,10 +26,12 @@ from diffusion.denoiser import ROW_ALIGN
 from diffusion.noise import Noise
 from diffusion.samplers import Step
 
-# Smaller jobs run as one block on the calling thread. Below ~128-256 rows per block, per-op overhead (not
-# arithmetic) sets the time, so a split saves nothing (in-process, 2 cores: ddpm n = 100 ran ~4 ms split or not;
-# n = 1,000 in two blocks ~13 ms vs ~19 ms in one).
-MIN_BLOCK_ROWS = 256
+# Rows per block, at least. Every block thread holds the GIL for each op's Python and dispatch overhead, so
+# many small blocks queue on the GIL instead of computing: on a 16-core host (in-process ddpm@40, ms for
+# n = 1k / 10k / 100k) intra-op threads took 28 / 130 / 744, blocks of >= 256 rows 26 / 207 / 360, of >= 1024
+# rows 21 / 116 / 363, of >= 2048 rows 23 / 79 / 343, of >= 4096 rows 33 / 133 / 348. On 2 cores a 1,000-row job
+# is ~3 ms faster in two blocks than in one, but a single block needs no other core at all, whoever holds it.
+MIN_BLOCK_ROWS = 2048
 
 
 class SharedDraws:
@@ -65,9 +67,9 @@ class BlockNoise:
         return draw[self.start : self.stop]
 
 
-def split_rows(rows: int, blocks: int) -> list[tuple[int, int]]:
-    """Up to `blocks` near-equal [start, stop) ranges, starts on ROW_ALIGN boundaries, none under MIN_BLOCK_ROWS."""
-    blocks = max(1, min(blocks, rows // MIN_BLOCK_ROWS))
+def split_rows(rows: int, blocks: int, min_rows: int = MIN_BLOCK_ROWS) -> list[tuple[int, int]]:
+    """Up to `blocks` near-equal [start, stop) ranges, starts on ROW_ALIGN boundaries, none under min_rows."""
+    blocks = max(1, min(blocks, rows // min_rows))
     units = -(-rows // ROW_ALIGN)
     bounds = [min(rows, round(units * j / blocks) * ROW_ALIGN) for j in range(blocks + 1)]
     return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
@@ -77,8 +79,8 @@ class BlockPool:
     """Threads that run sampler chains on blocks of rows, each with one torch intra-op thread. The calling thread
     runs the first block itself, so `threads` compute threads in all need threads - 1 here."""
 
-    def __init__(self, threads: int):
-        self.threads = threads
+    def __init__(self, threads: int, min_block_rows: int = MIN_BLOCK_ROWS):
+        self.threads, self.min_block_rows = threads, min_block_rows
         # torch.set_num_threads is per thread (OpenMP ICV, MKL's local setting): it must run in each worker.
         self._executor = ThreadPoolExecutor(
             max(1, threads - 1), "swissroll-block", initializer=torch.set_num_threads, initargs=(1,)
@@ -100,7 +102,7 @@ class BlockPool:
         **params,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """fn over x (x_T, drawn from `noise` already) in blocks; (x_0, states after each step, x0 per step)."""
-        ranges = split_rows(x.shape[0], self.threads)
+        ranges = split_rows(x.shape[0], self.threads, self.min_block_rows)
         tape = SharedDraws(noise, x.shape[0], len(ranges))
         failed = threading.Event()
 

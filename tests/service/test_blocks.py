@@ -20,6 +20,8 @@ from service.sampling import plan, run_plan
 from service.schemas import SampleParams
 from service.settings import Settings
 
+SMALL_BLOCK = 256  # rows per block in these tests; the service uses MIN_BLOCK_ROWS
+
 CHECKPOINT = REPO / "checkpoints" / "swissroll.pt"
 
 
@@ -30,7 +32,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def pools():
-    return {k: BlockPool(k) for k in (2, 3, 5)}
+    # Small blocks (the service's minimum is larger), so the splits below stay cheap to test.
+    return {k: BlockPool(k, min_block_rows=SMALL_BLOCK) for k in (2, 3, 5)}
 
 
 @contextmanager
@@ -63,6 +66,8 @@ def test_split_covers_the_rows_on_row_align_boundaries(rows, blocks):
     assert all(a % ROW_ALIGN == 0 for a, _ in ranges)
     assert len(ranges) == max(1, min(blocks, rows // MIN_BLOCK_ROWS))
     assert len(ranges) == 1 or all(b - a >= MIN_BLOCK_ROWS - ROW_ALIGN for a, b in ranges)
+    small = split_rows(rows, blocks, SMALL_BLOCK)
+    assert len(small) == max(1, min(blocks, rows // SMALL_BLOCK)) and small[-1][1] == rows
 
 
 @pytest.mark.parametrize(
@@ -70,7 +75,7 @@ def test_split_covers_the_rows_on_row_align_boundaries(rows, blocks):
 )
 @pytest.mark.parametrize("reference_threads", [1, 2])
 def test_split_is_bit_identical_to_the_unsplit_run(model, pools, name, params, reference_threads):
-    # n = 1000 over 2, 3 and 5 blocks (1000 / 5 = 200 rows < MIN_BLOCK_ROWS: 3 blocks), frames and x0 included,
+    # n = 1000 over 2, 3 and 5 blocks (1000 / 5 = 200 rows < SMALL_BLOCK: 3 blocks), frames and x0 included,
     # against one unsplit chain alone with 1 intra-op thread and with 2 (the old intra_op path).
     p = plan(model, SampleParams(n=1000, sampler=name, seed=11, **params))
     with intra_op_threads(reference_threads):
@@ -104,7 +109,7 @@ def test_blocks_run_single_threaded_and_leave_the_caller_alone(model, pools):
         return x
 
     before = torch.get_num_threads()
-    zeros = torch.zeros(3 * MIN_BLOCK_ROWS, 2)
+    zeros = torch.zeros(3 * SMALL_BLOCK, 2)
     pools[3].run(probe, model.denoiser, zeros, [0], from_generator(torch.Generator()), lambda: None)
     workers = [threads for name, threads in seen if name.startswith("swissroll-block")]
     assert len(seen) == 3 and len(workers) == 2 and workers == [1, 1]
