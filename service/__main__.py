@@ -13,8 +13,8 @@ import time
 import uvicorn
 from pydantic import ValidationError
 
-from diffusion.checkpoint import CheckpointError, load_model, resolve_device
-from service.app import create_app
+from diffusion.checkpoint import CheckpointError
+from service.app import create_app, load_configured_model
 from service.http_limits import limited_h11_protocol
 from service.settings import Settings, unknown_env_settings
 
@@ -101,7 +101,7 @@ def main() -> None:
     app = create_app(settings)
     try:
         # On the compute thread, like all torch work (see ComputeGate), and before serving: fail fast, in one line.
-        app.state.model = app.state.gate.call(load_model, settings.checkpoint, resolve_device(settings.device))
+        app.state.model = app.state.gate.call(load_configured_model, settings)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     config = uvicorn.Config(

@@ -89,6 +89,12 @@ def _warm_up(model: LoadedModel, blocks: BlockPool | None) -> float:
     return time.perf_counter() - began
 
 
+def load_configured_model(settings: Settings) -> LoadedModel:
+    """The one way the service loads its model: settings.checkpoint on settings.device. Raises CheckpointError or
+    ValueError with a one-line message (python -m service calls it before serving, to fail fast)."""
+    return load_model(settings.checkpoint, resolve_device(settings.device))
+
+
 def _with_fast_path(app: FastAPI, model: LoadedModel, settings: Settings) -> LoadedModel:
     """The CUDA fast path for this model (graphs are keyed by model id, so a reloaded model never replays
     another's graphs; `graphs.invalidate(id)` frees them)."""
@@ -109,9 +115,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     async def lifespan(app: FastAPI):
         gate: ComputeGate = app.state.gate
         if getattr(app.state, "model", None) is None:
-            app.state.model, _ = await gate.run(
-                lambda _job: load_model(settings.checkpoint, resolve_device(settings.device))
-            )
+            app.state.model, _ = await gate.run(lambda _job: load_configured_model(settings))
         if app.state.model.device.type == "cuda":
             app.state.model, _ = await gate.run(lambda _job: _with_fast_path(app, app.state.model, settings))
         if settings.warmup:
