@@ -1,7 +1,7 @@
 """Query parameters of the sampling endpoints. Every parameter that costs compute has a hard bound here."""
 
 from enum import StrEnum
-from typing import Literal, get_args, get_origin
+from typing import Annotated, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,6 +17,17 @@ SEED_MAX = 2**63 - 1
 FORWARD_N_MAX = TRAJECTORY_N_MAX
 FIELD_GRID_MAX = 64  # per side: at most 4,096 points per /field call
 FIELD_EXTENT_MAX = 10.0
+
+
+# The element type of format=npy responses (/trajectory, /forward).
+NpyDType = Annotated[
+    Literal["float32", "float16"],
+    Field(
+        description="element type of format=npy: float16 halves the bytes (resolution ~0.001 at unit scale, as fine "
+        "as the JSON's 3 decimals); ignored for json",
+        examples=["float32", "float16"],
+    ),
+]
 
 
 class SamplingParams(BaseModel):
@@ -61,12 +72,7 @@ class TrajectoryParams(SamplingParams):
         "([1][k] = x0 predicted from frame k, NaN for the last frame); levels in the X-Timesteps header",
         examples=["json", "npy"],
     )
-    dtype: Literal["float32", "float16"] = Field(
-        "float32",
-        description="element type of format=npy: float16 halves the bytes (resolution ~0.001 at unit scale, as fine "
-        "as the JSON's 3 decimals); ignored for json",
-        examples=["float32", "float16"],
-    )
+    dtype: NpyDType = "float32"
 
 
 class AnimationParams(SamplingParams):
@@ -100,12 +106,7 @@ class ForwardParams(BaseModel):
         description="json, or npy: float32 [steps + 1, n, 2] (data, then each level); levels in the X-Levels header",
         examples=["json", "npy"],
     )
-    dtype: Literal["float32", "float16"] = Field(
-        "float32",
-        description="element type of format=npy: float16 halves the bytes (resolution ~0.001 at unit scale, as fine "
-        "as the JSON's 3 decimals); ignored for json",
-        examples=["float32", "float16"],
-    )
+    dtype: NpyDType = "float32"
 
 
 class FieldParams(BaseModel):
