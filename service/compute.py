@@ -246,6 +246,10 @@ class ComputeGate:
                     result = await asyncio.get_running_loop().run_in_executor(self._executor, work, job)
                 except Exception as e:  # kept out of the task group, which would wrap it in an ExceptionGroup
                     error = e
+                except BaseException:
+                    # This caller was cancelled (e.g. at shutdown): its worker must not compute on for nobody.
+                    job.cancelled.set()
+                    raise
                 tg.cancel_scope.cancel()
             if error is not None:
                 raise error

@@ -96,3 +96,33 @@ def test_client_disconnect_stops_the_work():
 
     anyio.run(main)
     assert len(steps_done) < 60
+
+
+def test_a_cancelled_caller_stops_its_worker_at_the_next_step():
+    """The awaiting task is cancelled (e.g. shutdown): the job is marked, so the worker's next check() raises."""
+    gate = ComputeGate(1, 4, 30)
+    started, finished, outcome = threading.Event(), threading.Event(), []
+
+    def work(job):
+        started.set()
+        try:
+            for step in range(500):  # 5 s if nobody stops it
+                time.sleep(0.01)
+                try:
+                    job.check()
+                except Cancelled:
+                    outcome.append(step)
+                    return
+            outcome.append("ran to the end")
+        finally:
+            finished.set()
+
+    async def main():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(gate.run, work)
+            await anyio.to_thread.run_sync(started.wait, 5)
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+    assert finished.wait(10)
+    assert outcome != ["ran to the end"] and outcome[0] < 100
