@@ -14,7 +14,7 @@ from diffusion.noise import from_generator, from_sources
 from diffusion.samplers import get_sampler, sample
 from service.app import create_app
 from service.batching import run_batch
-from service.blocks import MIN_BLOCK_ROWS, BlockNoise, BlockPool, SharedDraws, split_rows
+from service.blocks import MIN_BLOCK_ROWS, PAIR_MIN_ROWS, BlockNoise, BlockPool, SharedDraws, split_rows
 from service.compute import DeadlineExceeded, Job
 from service.sampling import plan, run_plan
 from service.schemas import SampleParams
@@ -64,8 +64,11 @@ def test_split_covers_the_rows_on_row_align_boundaries(rows, blocks):
     assert ranges[0][0] == 0 and ranges[-1][1] == rows
     assert all(a == prev_b for (a, _), (_, prev_b) in zip(ranges[1:], ranges, strict=False))
     assert all(a % ROW_ALIGN == 0 for a, _ in ranges)
-    assert len(ranges) == max(1, min(blocks, rows // MIN_BLOCK_ROWS))
-    assert len(ranges) == 1 or all(b - a >= MIN_BLOCK_ROWS - ROW_ALIGN for a, b in ranges)
+    if rows >= 2 * MIN_BLOCK_ROWS:  # as many blocks of at least MIN_BLOCK_ROWS as there are threads for
+        assert len(ranges) == min(blocks, rows // MIN_BLOCK_ROWS)
+        assert all(b - a >= MIN_BLOCK_ROWS - ROW_ALIGN for a, b in ranges)
+    else:  # too small for that: two blocks (cheap on the GIL) from 2 x PAIR_MIN_ROWS rows, else one
+        assert len(ranges) == (min(blocks, 2) if rows >= 2 * PAIR_MIN_ROWS else 1)
     small = split_rows(rows, blocks, SMALL_BLOCK)
     assert len(small) == max(1, min(blocks, rows // SMALL_BLOCK)) and small[-1][1] == rows
 
