@@ -35,7 +35,7 @@ def timesteps(num_timesteps: int, steps: int) -> list[int]:
     return [round(num_timesteps - k * num_timesteps / steps) - 1 for k in range(steps)]
 
 
-def _levels(denoiser: Denoiser, ts: Sequence[int]) -> list[tuple[int, float, float]]:
+def step_levels(denoiser: Denoiser, ts: Sequence[int]) -> list[tuple[int, float, float]]:
     """(t, alpha_bar_t, alpha_bar_prev) per step; the level after the last step is clean (alpha_bar = 1)."""
     ab = denoiser.alphas_cumprod
     return [(t, ab[t], ab[ts[i + 1]] if i + 1 < len(ts) else 1.0) for i, t in enumerate(ts)]
@@ -56,7 +56,7 @@ def posterior_mean(x, x0, ab_t: float, ab_prev: float):
 @torch.inference_mode()
 def sample_ddpm(denoiser, x, ts, noise, callback=None):
     """Ho et al. 2020, Algorithm 2: ancestral sampling with sigma_t^2 = beta_t."""
-    levels = _levels(denoiser, ts)
+    levels = step_levels(denoiser, ts)
     for i, (t, ab_t, ab_prev) in enumerate(levels):
         eps, x0 = denoiser.predict(x, t)
         x = ddpm_mean(x, eps, ab_t, ab_prev)  # 4. mu_theta(x_t, t)
@@ -70,7 +70,7 @@ def sample_ddpm(denoiser, x, ts, noise, callback=None):
 @torch.inference_mode()
 def sample_ddpm_x0(denoiser, x, ts, noise, callback=None):
     """Ho et al. 2020, eqs. 6-7: predict x0, then sample the posterior q(x_{t-1} | x_t, x0) (no clipping)."""
-    levels = _levels(denoiser, ts)
+    levels = step_levels(denoiser, ts)
     for i, (t, ab_t, ab_prev) in enumerate(levels):
         eps, x0 = denoiser.predict(x, t)
         x = posterior_mean(x, x0, ab_t, ab_prev)
@@ -85,7 +85,7 @@ def sample_ddpm_x0(denoiser, x, ts, noise, callback=None):
 @torch.inference_mode()
 def sample_ddim(denoiser, x, ts, noise, callback=None, eta: float = 0.0):
     """Song et al. 2021, eq. 12: DDIM, deterministic at eta = 0, DDPM-like at eta = 1."""
-    levels = _levels(denoiser, ts)
+    levels = step_levels(denoiser, ts)
     for i, (t, ab_t, ab_prev) in enumerate(levels):
         eps, x0 = denoiser.predict(x, t)
         # 16. sigma_t(eta) = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev)
@@ -102,7 +102,7 @@ def sample_ddim(denoiser, x, ts, noise, callback=None, eta: float = 0.0):
 @torch.inference_mode()
 def sample_dpmpp_2m(denoiser, x, ts, noise, callback=None):
     """Lu et al. 2022, Algorithm 2: DPM-Solver++(2M), data prediction, first order on the first and last steps."""
-    levels = _levels(denoiser, ts)
+    levels = step_levels(denoiser, ts)
 
     def lam(ab: float) -> float:  # lambda = log(alpha / sigma), half the log-SNR
         return 0.5 * (math.log(ab) - math.log1p(-ab))

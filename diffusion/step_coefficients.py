@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from diffusion.denoiser import Denoiser
-from diffusion.samplers import _levels
+from diffusion.samplers import step_levels
 
 COLUMNS = ("cx", "co", "cz", "cp", "p0x", "p0o")
 
@@ -78,7 +78,7 @@ def supports(sampler: str) -> bool:
 def coefficient_table(denoiser: Denoiser, sampler: str, ts: Sequence[int], params: dict) -> list[tuple[float, ...]]:
     """One row (cx, co, cz, cp, p0x, p0o) per step of `sampler` over levels `ts` (noisiest first)."""
     rule, state = _STEP_RULES[sampler], {}
-    levels = _levels(denoiser, ts)
+    levels = step_levels(denoiser, ts)
     rows = []
     for i, (_t, ab_t, ab_prev) in enumerate(levels):
         pred = _prediction(denoiser.prediction_type, ab_t)

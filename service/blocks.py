@@ -115,24 +115,19 @@ class BlockPool:
         tape = SharedDraws(noise, x.shape[0], len(ranges))
         failed = threading.Event()
 
+        def check_block() -> None:
+            if failed.is_set():  # another block failed: its error is the job's answer, stop here
+                raise _Abandoned
+            check()
+
         def block(start: int, stop: int):
-            frames, x0s = [], []
-
-            def callback(step: Step) -> None:
-                if failed.is_set():  # another block failed: its error is the job's answer, stop here
-                    raise _Abandoned
-                check()
-                if record:
-                    frames.append(step.x)
-                if record_x0:
-                    x0s.append(step.x0)
-
+            steps = _Recorder(check_block, record, record_x0)
             try:
-                out = fn(denoiser, x[start:stop], ts, BlockNoise(tape, start, stop), callback, **params)
+                out = fn(denoiser, x[start:stop], ts, BlockNoise(tape, start, stop), steps, **params)
             except BaseException:
                 failed.set()
                 raise
-            return out, frames, x0s
+            return out, steps.frames, steps.x0s
 
         futures = [self._executor.submit(block, a, b) for a, b in ranges[1:]]
         results, error = [], None
@@ -154,6 +149,22 @@ class _Abandoned(Exception):
     pass
 
 
+class _Recorder:
+    """The sampler callback of a service run: check() after every step, and the states asked for kept."""
+
+    def __init__(self, check: Callable[[], None], record: bool, record_x0: bool):
+        self.check, self.record, self.record_x0 = check, record, record_x0
+        self.frames: list[torch.Tensor] = []
+        self.x0s: list[torch.Tensor] = []
+
+    def __call__(self, step: Step) -> None:
+        self.check()
+        if self.record:
+            self.frames.append(step.x)
+        if self.record_x0:
+            self.x0s.append(step.x0)
+
+
 def run_sampler(
     pool: BlockPool | None,
     fn: Callable,
@@ -170,13 +181,5 @@ def run_sampler(
     device parallelizes each op; blocks would only add launches). check() runs after every step."""
     if pool is not None and x.device.type == "cpu":
         return pool.run(fn, denoiser, x, ts, noise, check, record, record_x0, **params)
-    frames, x0s = [], []
-
-    def callback(step: Step) -> None:
-        check()
-        if record:
-            frames.append(step.x)
-        if record_x0:
-            x0s.append(step.x0)
-
-    return fn(denoiser, x, ts, noise, callback, **params), frames, x0s
+    steps = _Recorder(check, record, record_x0)
+    return fn(denoiser, x, ts, noise, steps, **params), steps.frames, steps.x0s

@@ -109,10 +109,8 @@ class CudaFastPath:
     def noise_slots(self, sampler, ts: Sequence[int], params: dict) -> int:
         """How many noise draws a run makes (the eager sampler's count, in its order)."""
         if step_coefficients.supports(sampler.name):
-            return step_coefficients.noise_draws(
-                step_coefficients.coefficient_table(self.denoiser, sampler.name, ts, params)
-            )
-        counter = Tape(None)  # a sampler without a table: count on one row
+            return step_coefficients.noise_draws(self._table(sampler.name, tuple(ts), tuple(sorted(params.items()))))
+        counter = Tape()  # a sampler without a table: count on one row
         sampler.fn(self.denoiser, torch.zeros((1, 2), device=self.denoiser.device), ts, counter, None, **params)
         return counter.calls
 
@@ -149,11 +147,17 @@ class CudaFastPath:
         triton_chain.launch(self.weights, x, noise, levels, slots, table, self.precision)
         return x
 
-    @functools.lru_cache(maxsize=256)  # noqa: B019 (one fast path per loaded model: it lives as long as they do)
+    # One fast path per loaded model, living as long as it: caching on the instance is what is wanted (B019).
+    @functools.lru_cache(maxsize=256)  # noqa: B019
+    def _table(self, name: str, ts: tuple, params: tuple) -> list[tuple[float, ...]]:
+        """The run's coefficient rows (step_coefficients), computed once per sampler, levels and parameters."""
+        return step_coefficients.coefficient_table(self.denoiser, name, ts, dict(params))
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019
     def _tables(self, name: str, ts: tuple, params: tuple):
         """The kernel's per-step inputs on the device: levels, noise slots, coefficients (step_coefficients)."""
         device = self.denoiser.device
-        table = step_coefficients.coefficient_table(self.denoiser, name, ts, dict(params))
+        table = self._table(name, ts, params)
         slots, next_slot = [], 0
         for row in table:
             slots.append(next_slot if row[2] != 0.0 else -1)

@@ -78,7 +78,7 @@ def test_every_sampler_on_the_service_schedule(name):
 
 
 def _ddpm_without_noise(denoiser, x, ts, generator, callback=None):
-    for t, ab_t, ab_prev in S._levels(denoiser, ts):
+    for t, ab_t, ab_prev in S.step_levels(denoiser, ts):
         eps, _ = denoiser.predict(x, t)
         x = S.ddpm_mean(x, eps, ab_t, ab_prev)
     return x
@@ -87,7 +87,7 @@ def _ddpm_without_noise(denoiser, x, ts, generator, callback=None):
 def _dpmpp_wrong_sign(denoiser, x, ts, generator, callback=None):
     import math
 
-    levels = S._levels(denoiser, ts)
+    levels = S.step_levels(denoiser, ts)
     x0_prev, h_prev = None, 0.0
     for i, (t, ab_s, ab_t) in enumerate(levels):
         _, x0 = denoiser.predict(x, t)
