@@ -21,7 +21,7 @@ from diffusion.cpus import threads_from_env
 from diffusion.samplers import SAMPLERS, timesteps
 from service.compute import Job
 from service.render import animation_mp4
-from service.sampling import Plan, run_plan
+from service.jobs import Plan, run_plan
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -29,7 +29,7 @@ from service.graph_cache import GraphCache
 from service.http_limits import HeaderCountLimit
 from service.metrics import Metrics
 from service.routes import router
-from service.sampling import plan, run_plan
+from service.jobs import plan, run_plan
 from service.schemas import PARAMS_BY_PATH, SampleParams, allowed_values
 from service.settings import Settings
 from service.video_cache import VideoCache

@@ -24,7 +24,7 @@ from diffusion.noise import from_sources, initial_noise
 from service.blocks import run_sampler
 from service.compute import ComputeGate, Job, Timing
 from service.metrics import Metrics
-from service.sampling import Plan
+from service.jobs import Plan
 
 
 @dataclass

@@ -18,7 +18,7 @@ from service.field import check_level, run_field
 from service.forward import forward_plan, render_forward_animation, run_forward
 from service.metrics import Metrics
 from service.render import even
-from service.sampling import plan, render_animation, sample_points
+from service.jobs import plan, render_animation, sample_points
 from service.schemas import AnimationParams, FieldParams, ForwardParams, SampleParams, TrajectoryParams
 from service.video_cache import VideoCache
 

@@ -30,7 +30,7 @@ NpyDType = Annotated[
 ]
 
 
-class SamplingParams(BaseModel):
+class SamplerChoice(BaseModel):
     # Unknown query parameters are errors, not silently ignored typos.
     model_config = ConfigDict(extra="forbid")
 
@@ -56,14 +56,14 @@ class SamplingParams(BaseModel):
     eta: float | None = Field(None, ge=0.0, le=1.0, examples=[0.0], description="ddim only: 0 = deterministic")
 
 
-class SampleParams(SamplingParams):
+class SampleParams(SamplerChoice):
     n: int = Field(1000, ge=1, le=SAMPLE_N_MAX, description="number of points", examples=[10000])
     format: Literal["json", "npy"] = Field(
         "json", description="json, or npy for a float32 [n, 2] array", examples=["json", "npy"]
     )
 
 
-class TrajectoryParams(SamplingParams):
+class TrajectoryParams(SamplerChoice):
     n: int = Field(500, ge=1, le=TRAJECTORY_N_MAX, description="number of points per frame", examples=[2000])
     include_x0: bool = Field(False, description="also return each step's predicted clean points", examples=[True])
     format: Literal["json", "npy"] = Field(
@@ -75,7 +75,7 @@ class TrajectoryParams(SamplingParams):
     dtype: NpyDType = "float32"
 
 
-class AnimationParams(SamplingParams):
+class AnimationParams(SamplerChoice):
     n: int = Field(5000, ge=1, le=ANIMATION_N_MAX, description="number of points", examples=[10000])
     fps: int = Field(10, ge=1, le=60, description="frames per second", examples=[10])
     size: int = Field(480, ge=240, le=1080, description="width and height in pixels (rounded to even)", examples=[480])

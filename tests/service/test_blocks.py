@@ -16,7 +16,7 @@ from service.app import create_app
 from service.batching import run_batch
 from service.blocks import MIN_BLOCK_ROWS, PAIR_MIN_ROWS, BlockNoise, BlockPool, SharedDraws, split_rows
 from service.compute import DeadlineExceeded, Job
-from service.sampling import plan, run_plan
+from service.jobs import plan, run_plan
 from service.schemas import SampleParams
 from service.settings import Settings
 

@@ -19,7 +19,7 @@ from diffusion.samplers import (
 from service.blocks import run_sampler
 from service.compute import ComputeGate, Job, Timing
 from service.render import animation_mp4
-from service.schemas import SamplingParams
+from service.schemas import SamplerChoice
 
 if TYPE_CHECKING:
     from service.batching import Batcher
@@ -69,7 +69,7 @@ class Result:
     timing: Timing
 
 
-def plan(model: LoadedModel, params: SamplingParams) -> Plan:
+def plan(model: LoadedModel, params: SamplerChoice) -> Plan:
     """Raises SamplerError (-> 422) for steps beyond this model's T or parameters the sampler lacks."""
     spec = get_sampler(params.sampler.value)
     steps = resolve_steps(spec, params.steps, model.denoiser.num_timesteps)
