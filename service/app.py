@@ -28,6 +28,7 @@ from service.encoding import json_response
 from service.graph_cache import GraphCache
 from service.http_limits import HeaderCountLimit
 from service.metrics import Metrics
+from service.openapi import operation_id
 from service.routes import router
 from service.jobs import plan, run_plan
 from service.schemas import PARAMS_BY_PATH, SampleParams, allowed_values
@@ -136,6 +137,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         description="Diffusion-model sampling of the 2D Swiss roll: points, trajectories and animations.",
         lifespan=lifespan,
         dependencies=[Depends(reject_repeated_params)],
+        generate_unique_id_function=operation_id,
     )
     app.state.settings = settings
     app.state.ready = False

@@ -17,8 +17,19 @@ from service.encoding import compact, json_response, npy_response
 from service.field import check_level, run_field
 from service.forward import forward_plan, render_forward_animation, run_forward
 from service.metrics import Metrics
+from service.openapi import ANY_ROUTE, COMPUTE, MP4, NPY, PROMETHEUS_TEXT, binary, errors, headers, ok
 from service.render import even
 from service.jobs import plan, render_animation, sample_points
+from service.responses import (
+    FieldResult,
+    ForwardResult,
+    Health,
+    ModelInfo,
+    Readiness,
+    SampleResult,
+    SamplerInfo,
+    TrajectoryResult,
+)
 from service.schemas import AnimationParams, FieldParams, ForwardParams, SampleParams, TrajectoryParams
 from service.video_cache import VideoCache
 
@@ -46,16 +57,15 @@ Cache = Annotated[VideoCache, Depends(get_video_cache)]
 
 router = APIRouter()
 
-UNAUTHORIZED = {401: {"description": "missing or invalid API key (only when SWISSROLL_API_KEYS is set)"}}
-BUSY = {
-    503: {"description": "overloaded, or shutting down: retry after Retry-After seconds"},
-    504: {"description": "not finished within the request deadline"},
-}
 
 # Declared so the API docs (and the schema fuzzer) know /animation reads them; ranged_response parses them.
 RangeHeader = Annotated[str | None, Header(alias="Range", description="bytes=first-last, bytes=first- or bytes=-N")]
 IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match", description="an ETag of this URL, or *")]
 IfRange = Annotated[str | None, Header(alias="If-Range", description="the ETag a Range is conditional on")]
+
+
+# What every /animation video response says about itself (206 adds Content-Range).
+ANIMATION_HEADERS = ("X-Seed", "X-Model", "X-Cache", "ETag", "Accept-Ranges", "Cache-Control", "Content-Location")
 
 
 def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, timing: Timing) -> None:
@@ -69,7 +79,17 @@ def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, timing: Timin
     dependencies=[Depends(require_api_key)],
     summary="Sample points from the model",
     tags=["sampling"],
-    responses={200: {"content": {"application/x-npy": {}}}, 422: {}, **UNAUTHORIZED, **BUSY},
+    response_model=None,  # declared below, not validated per request: orjson writes the arrays directly
+    responses={
+        **ok(
+            SampleResult,
+            "X-Seed",
+            "X-Model",
+            "X-Elapsed-Ms",
+            media=binary(NPY, "format=npy: float32 [n, 2], NumPy .npy"),
+        ),
+        **errors(*COMPUTE),
+    },
 )
 async def sample(
     params: Annotated[SampleParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
@@ -92,7 +112,20 @@ async def sample(
     dependencies=[Depends(require_api_key)],
     summary="Every intermediate state of one sampling run (for animation)",
     tags=["sampling"],
-    responses={200: {"content": {"application/x-npy": {}}}, **UNAUTHORIZED, **BUSY},
+    response_model=None,
+    responses={
+        **ok(
+            TrajectoryResult,
+            "X-Seed",
+            "X-Model",
+            "X-Elapsed-Ms",
+            "X-Sampler",
+            "X-Spacing",
+            "X-Timesteps",
+            media=binary(NPY, "format=npy: [steps + 1, n, 2], or [2, steps + 1, n, 2] with include_x0; float32/16"),
+        ),
+        **errors(*COMPUTE),
+    },
 )
 async def trajectory(
     params: Annotated[TrajectoryParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
@@ -124,7 +157,7 @@ async def trajectory(
     }
     if params.include_x0:
         payload["x0"] = compact(result.x0)
-    return json_response(payload, headers={"X-Seed": str(p.seed)})
+    return json_response(payload, headers={"X-Seed": str(p.seed), "X-Model": model.id})
 
 
 @router.get(
@@ -134,12 +167,19 @@ async def trajectory(
     tags=["sampling"],
     response_class=Response,
     responses={
-        200: {"content": {"video/mp4": {}}},
-        206: {"description": "partial content"},
-        304: {"description": "not modified"},
-        416: {"description": "range not satisfiable"},
-        **UNAUTHORIZED,
-        **BUSY,
+        **ok(
+            None,
+            *ANIMATION_HEADERS,
+            description="the whole video",
+            media=binary(MP4, "H.264 MP4, faststart"),
+        ),
+        206: {
+            "description": "the requested byte range (Range)",
+            "content": binary(MP4, "bytes first..last of the video"),
+            "headers": headers(*ANIMATION_HEADERS, "Content-Range"),
+        },
+        304: {"description": "not modified (If-None-Match)", "headers": headers("X-Seed", "ETag", "Cache-Control")},
+        **errors(416, *COMPUTE),
     },
 )
 async def animation(
@@ -168,7 +208,7 @@ async def animation(
         key = f"{model.id}|reverse|{p.key()}|{p.seed}|{p.n}|{params.fps}|{size}"
         seed = p.seed
     etag = f'"{hashlib.sha256(key.encode()).hexdigest()[:32]}"'
-    headers = {"X-Seed": str(seed)}
+    headers = {"X-Seed": str(seed), "X-Model": model.id}
     if not_modified(request, None):  # "If-None-Match: *": this URL always has a representation; no need to render
         return Response(status_code=304, headers=headers if params.seed is not None else {})
     if params.seed is None:
@@ -199,7 +239,18 @@ async def animation(
     dependencies=[Depends(require_api_key)],
     summary="The forward (noising) process on real data: frames from the data to noise, with the model's schedule",
     tags=["explain"],
-    responses={200: {"content": {"application/x-npy": {}}}, 422: {}, **UNAUTHORIZED, **BUSY},
+    response_model=None,
+    responses={
+        **ok(
+            ForwardResult,
+            "X-Seed",
+            "X-Model",
+            "X-Elapsed-Ms",
+            "X-Levels",
+            media=binary(NPY, "format=npy: [steps + 1, n, 2] (data, then each level); float32/16"),
+        ),
+        **errors(*COMPUTE),
+    },
 )
 async def forward(
     params: Annotated[ForwardParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
@@ -230,7 +281,8 @@ async def forward(
     dependencies=[Depends(require_api_key)],
     summary="The learned field at one level: predicted noise and clean point on a regular grid (quiver plots)",
     tags=["explain"],
-    responses={422: {}, **UNAUTHORIZED, **BUSY},
+    response_model=None,
+    responses={**ok(FieldResult, "X-Model"), **errors(*COMPUTE)},
 )
 async def field(
     params: Annotated[FieldParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
@@ -252,10 +304,16 @@ async def field(
         "eps": f.eps,
         "x0": f.x0,
     }
-    return json_response(payload)
+    return json_response(payload, headers={"X-Model": model.id})
 
 
-@router.get("/samplers", summary="The samplers this server offers, with their steps and parameters", tags=["model"])
+@router.get(
+    "/samplers",
+    summary="The samplers this server offers, with their steps and parameters",
+    tags=["model"],
+    response_model=None,
+    responses={**ok(list[SamplerInfo]), **errors(*ANY_ROUTE)},
+)
 async def samplers(model: Model) -> list[dict]:
     T = model.denoiser.num_timesteps
     quality = model.metadata.get("quality", {}).get("samplers", {})
@@ -295,7 +353,9 @@ def without_paths(value):
     dependencies=[Depends(require_api_key)],
     summary="The loaded checkpoint: id, file name, device, metadata (needs the API key when keys are set)",
     tags=["model"],
-    responses=UNAUTHORIZED,
+    name="model",
+    response_model=None,
+    responses={**ok(ModelInfo), **errors(401, *ANY_ROUTE)},
 )
 async def model_info(model: Model, request: Request) -> dict:
     # Behind the key when keys are set: the training environment (torch and Python versions, device) is not for
@@ -313,7 +373,13 @@ async def model_info(model: Model, request: Request) -> dict:
     }
 
 
-@router.get("/healthz", summary="Liveness: the process answers", tags=["ops"])
+@router.get(
+    "/healthz",
+    summary="Liveness: the process answers",
+    tags=["ops"],
+    response_model=None,
+    responses={**ok(Health), **errors(*ANY_ROUTE)},
+)
 async def healthz() -> dict:
     return {"status": "ok"}
 
@@ -322,7 +388,8 @@ async def healthz() -> dict:
     "/readyz",
     summary="Readiness: model loaded and warmed up, not shutting down",
     tags=["ops"],
-    responses={503: {"description": "not ready"}},
+    response_model=None,
+    responses={**ok(Readiness), 503: {"model": Readiness, "description": "not ready"}, **errors(*ANY_ROUTE)},
 )
 async def readyz(request: Request) -> Response:
     if getattr(request.app.state, "ready", False):
@@ -330,6 +397,16 @@ async def readyz(request: Request) -> Response:
     return json_response({"status": "not ready"}, status_code=503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", tags=["ops"], response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    tags=["ops"],
+    name="metrics",
+    response_class=Response,
+    responses={
+        **ok(None, media={PROMETHEUS_TEXT: {"schema": {"type": "string"}}}, description="Prometheus text format"),
+        **errors(*ANY_ROUTE),
+    },
+)
 async def metrics_endpoint(metrics: MetricsDep) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
