@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from diffusion.checkpoint_schema import CheckpointMetadata, SamplerQuality
+from diffusion.checkpoint_schema import CheckpointMetadata, DataInfo, SamplerQuality
 from diffusion.samplers import SPACINGS
 from service.schemas import SEED_MAX, SamplerName
 
@@ -144,6 +144,23 @@ class CudaFastPathInfo(_Body):
     graphs: dict[str, int] | None = Field(description="CUDA graph cache counters")
 
 
+class ServedDataInfo(DataInfo):
+    """metadata.data as training writes it: the load-time schema requires mean and std; these are also there."""
+
+    noise: float | None = Field(None, description="Swiss-roll noise of the training data")
+    source: str | None = None
+    n_samples: int | None = None
+    n_train: int | None = None
+    n_val: int | None = None
+    seed: int | None = None
+
+
+class ServedMetadata(CheckpointMetadata):
+    """The checkpoint's metadata.json as /model serves it (extra fields allowed: newer trainers add some)."""
+
+    data: ServedDataInfo
+
+
 class ModelInfo(_Body):
     id: ModelId
     file: str = Field(description="the checkpoint's file name (never a path)", examples=["swissroll.pt"])
@@ -152,7 +169,7 @@ class ModelInfo(_Body):
     num_timesteps: int = Field(ge=2)
     prediction_type: str = Field(examples=["v", "epsilon"])
     cuda_fast_path: CudaFastPathInfo | None
-    metadata: CheckpointMetadata = Field(description="the checkpoint's metadata.json, paths reduced to file names")
+    metadata: ServedMetadata = Field(description="the checkpoint's metadata.json, paths reduced to file names")
 
 
 class Health(_Body):
