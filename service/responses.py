@@ -14,8 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from diffusion.checkpoint_schema import CheckpointMetadata, DataInfo, SamplerQuality
-from diffusion.samplers import SPACINGS
-from service.schemas import SEED_MAX, SamplerName
+from service.schemas import SEED_MAX, SamplerName, Spacing
 
 MODEL_ID = "250fe3521b839d375c0a7ddf9b856cd5be1a2cca02fef2c333ac389861a56027"  # an example checkpoint id
 
@@ -36,7 +35,7 @@ class Run(_Body):
     n: int = Field(ge=1, description="number of points")
     sampler: SamplerName
     steps: int = Field(ge=1, description="network evaluations")
-    spacing: Literal[SPACINGS] = Field(description="which levels the steps visited")
+    spacing: Spacing = Field(description="which levels the steps visited")
     seed: Seed
     eta: float | None = Field(None, ge=0, le=1, description="ddim only, present when given")
     model: ModelId

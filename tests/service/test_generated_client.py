@@ -113,7 +113,7 @@ def test_json_200s_are_typed(api, client, models):
 
     info = operation(api, "model", "model")(client=client)
     assert isinstance(info.parsed, models.ModelInfo) and info.parsed.num_timesteps == 100
-    assert isinstance(info.parsed.metadata, models.CheckpointMetadata)
+    assert isinstance(info.parsed.metadata, models.ServedMetadata)
     assert info.parsed.metadata.data.mean == [0.0, 0.0] and info.parsed.threads.threads == 1
 
     assert isinstance(operation(api, "ops", "healthz")(client=client).parsed, models.Health)

@@ -147,3 +147,11 @@ def test_error_bodies_parse_into_error(keyed, url, headers, status):
     r = keyed.get(url, headers=headers)
     assert r.status_code == status and r.headers["content-type"] == "application/json"
     Error.model_validate_json(r.content)
+
+
+def test_point_bodies_are_declared_not_validated_per_request(keyed):
+    """The schemas are documentation plus these tests: FastAPI neither validates nor re-serializes the big bodies
+    (orjson writes the numpy arrays straight into the response, service/encoding.py)."""
+    routes = {r.path: r for r in keyed.app.routes if hasattr(r, "response_field")}
+    for path in ("/sample", "/trajectory", "/forward", "/field"):
+        assert routes[path].response_model is None and routes[path].response_field is None, path
