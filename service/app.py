@@ -27,10 +27,10 @@ from service.cuda_fast_path import CudaFastPath
 from service.encoding import json_response
 from service.graph_cache import GraphCache
 from service.http_limits import HeaderCountLimit
+from service.jobs import plan, run_plan
 from service.metrics import Metrics
 from service.openapi import operation_id
 from service.routes import router
-from service.jobs import plan, run_plan
 from service.schemas import PARAMS_BY_PATH, SampleParams, allowed_values
 from service.settings import Settings
 from service.video_cache import VideoCache

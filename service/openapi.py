@@ -25,7 +25,9 @@ def headers(*names: str) -> dict:
 
 
 HEADERS = {
-    "X-Seed": header("the seed used (drawn when the request gave none): repeat the request with it", pattern="^[0-9]+$"),
+    "X-Seed": header(
+        "the seed used (drawn when the request gave none): repeat the request with it", pattern="^[0-9]+$"
+    ),
     "X-Model": header("the checkpoint id: sha256 of the model file", pattern="^[0-9a-f]{64}$"),
     "X-Elapsed-Ms": header("compute time, milliseconds"),
     "X-Sampler": header("format=npy: the sampler used"),
@@ -73,9 +75,7 @@ def binary(media_type: str, description: str) -> dict:
     return {media_type: {"schema": {"type": "string", "format": "binary", "description": description}}}
 
 
-def ok(
-    model: type[BaseModel] | None, *header_names: str, description: str = "OK", media: dict | None = None
-) -> dict:
+def ok(model: type[BaseModel] | None, *header_names: str, description: str = "OK", media: dict | None = None) -> dict:
     """The 200 response: `model` as application/json (None: no JSON body), `media` its other media types."""
     response: dict[str, Any] = {"description": description}
     if model is not None:

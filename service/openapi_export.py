@@ -26,7 +26,9 @@ def render(spec: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m service.openapi_export", description=__doc__.splitlines()[0])
-    parser.add_argument("-o", "--out", default=str(COMMITTED), help="file to write, or - for stdout (default: %(default)s)")
+    parser.add_argument(
+        "-o", "--out", default=str(COMMITTED), help="file to write, or - for stdout (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     text = render(openapi_document())
     if args.out == "-":

@@ -16,10 +16,10 @@ from service.compute import ComputeGate, Timing
 from service.encoding import compact, json_response, npy_response
 from service.field import check_level, run_field
 from service.forward import forward_plan, render_forward_animation, run_forward
+from service.jobs import plan, render_animation, sample_points
 from service.metrics import Metrics
 from service.openapi import ANY_ROUTE, COMPUTE, MP4, NPY, PROMETHEUS_TEXT, binary, errors, headers, ok
 from service.render import even
-from service.jobs import plan, render_animation, sample_points
 from service.responses import (
     FieldResult,
     ForwardResult,

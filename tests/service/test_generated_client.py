@@ -24,7 +24,10 @@ PACKAGE = "swissroll_client"
 CONFIG = {
     "project_name_override": PACKAGE,
     "package_name_override": PACKAGE,
-    "content_type_overrides": {"application/x-npy": "application/octet-stream", "video/mp4": "application/octet-stream"},
+    "content_type_overrides": {
+        "application/x-npy": "application/octet-stream",
+        "video/mp4": "application/octet-stream",
+    },
     "post_hooks": [],  # no ruff formatting of the generated code: not needed to import it
 }
 MAX_POINTS = 50_000  # /sample?n=100000 is refused at once (503 + Retry-After)

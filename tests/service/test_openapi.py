@@ -10,7 +10,6 @@ from openapi_spec_validator import validate
 
 from service.app import create_app
 from service.openapi_export import COMMITTED, render
-from service.routes import router
 from service.responses import (
     Error,
     FieldResult,
@@ -22,6 +21,7 @@ from service.responses import (
     SamplerInfo,
     TrajectoryResult,
 )
+from service.routes import router
 from tests.utils.checkpoints import make_settings
 
 KEY = "contract-key"

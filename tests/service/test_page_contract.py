@@ -3,7 +3,6 @@ query parameter and response header the page uses is read out of its source and 
 response field it reads (listed below, each with the expression the page reads it by) must be declared."""
 
 import re
-from pathlib import Path
 
 import pytest
 
