@@ -29,7 +29,7 @@ from service.graph_cache import GraphCache
 from service.http_limits import HeaderCountLimit
 from service.jobs import plan, run_plan
 from service.metrics import Metrics
-from service.openapi import operation_id
+from service.openapi import TAGS, operation_id
 from service.routes import router
 from service.schemas import PARAMS_BY_PATH, SampleParams, allowed_values
 from service.settings import Settings
@@ -138,6 +138,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         lifespan=lifespan,
         dependencies=[Depends(reject_repeated_params)],
         generate_unique_id_function=operation_id,
+        openapi_tags=TAGS,
     )
     app.state.settings = settings
     app.state.ready = False

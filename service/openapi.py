@@ -44,6 +44,14 @@ HEADERS = {
     "WWW-Authenticate": header("Bearer", required=True),
 }
 
+# The groups the docs page and generated clients (api/<tag>/...) sort operations into.
+TAGS = [
+    {"name": "sampling", "description": "Draw points from the model: the final points, every step, or a video"},
+    {"name": "explain", "description": "The teaching views: the forward (noising) process and the learned field"},
+    {"name": "model", "description": "The loaded checkpoint and the samplers it supports"},
+    {"name": "ops", "description": "Probes and metrics for orchestrators and monitoring"},
+]
+
 _ERRORS = {
     401: ("missing or invalid API key (only when SWISSROLL_API_KEYS is set)", ("WWW-Authenticate",)),
     404: ("no such resource", ()),
