@@ -1,4 +1,4 @@
-"""swissroll-serve / python -m service: load the checkpoint (failing fast, in one line), then serve it."""
+"""swissroll-serve / python -m service: load the default model (failing fast, in one line), then serve the models."""
 
 import asyncio
 import ctypes
@@ -100,8 +100,9 @@ def main() -> None:
     raise_fd_limit(settings.max_connections + 64)
     app = create_app(settings)
     try:
-        # On the compute thread, like all torch work (see ComputeGate), and before serving: fail fast, in one line.
-        app.state.model = app.state.gate.call(load_configured_model, settings)
+        # The default model, on the compute thread like all torch work (see ComputeGate), before serving: fail fast,
+        # in one line. The lifespan warms it up and loads the directory's other models (those may fail: listed).
+        app.state.models.add(settings.default_model_name(), app.state.gate.call(load_configured_model, settings))
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     config = uvicorn.Config(

@@ -23,8 +23,8 @@ from diffusion.denoiser import ROW_ALIGN
 from diffusion.noise import from_sources, initial_noise
 from service.blocks import run_sampler
 from service.compute import ComputeGate, Job, Timing
-from service.metrics import Metrics
 from service.jobs import Plan
+from service.metrics import Metrics
 
 
 @dataclass
@@ -98,7 +98,7 @@ class Batcher:
             self._active -= 1
 
     async def _sample(self, model: LoadedModel, plan: Plan, is_disconnected) -> tuple[np.ndarray, Timing]:
-        key = plan.key()
+        key = (model.id, plan.key())  # batches never mix models (a reload may serve two ids at once)
         batch = self._open.get(key)
         index = batch.join(plan, self.max_batch_points, is_disconnected) if batch is not None else None
         leader = index is None
