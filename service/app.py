@@ -5,7 +5,7 @@ import json
 import logging
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -27,9 +27,9 @@ from service.cuda_fast_path import CudaFastPath
 from service.encoding import json_response
 from service.graph_cache import GraphCache
 from service.http_limits import HeaderCountLimit
+from service.jobs import plan, run_plan
 from service.metrics import Metrics
 from service.routes import router
-from service.jobs import plan, run_plan
 from service.schemas import PARAMS_BY_PATH, SampleParams, allowed_values
 from service.settings import Settings
 from service.video_cache import VideoCache
@@ -126,9 +126,14 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         if app.state.model.fast_path is not None:
             model_info["cuda"] = app.state.model.fast_path.describe()
         log.info(json.dumps({"event": "ready", **model_info, **app.state.threads}))
-        yield
-        app.state.ready = False
-        gate.close()
+        try:
+            async with AsyncExitStack() as running:
+                if app.state.batcher is not None:
+                    await running.enter_async_context(app.state.batcher.serving())
+                yield
+        finally:
+            app.state.ready = False
+            gate.close()
 
     app = FastAPI(
         title="swissroll-diffusion",

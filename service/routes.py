@@ -1,6 +1,5 @@
 """HTTP routes: validate, call, serialize. Nothing here does maths."""
 
-import hashlib
 from pathlib import PurePath
 from typing import Annotated
 
@@ -16,11 +15,11 @@ from service.compute import ComputeGate, Timing
 from service.encoding import compact, json_response, npy_response
 from service.field import check_level, run_field
 from service.forward import forward_plan, render_forward_animation, run_forward
+from service.jobs import plan, render_animation, sample_points
 from service.metrics import Metrics
 from service.render import even
-from service.jobs import plan, render_animation, sample_points
 from service.schemas import AnimationParams, FieldParams, ForwardParams, SampleParams, TrajectoryParams
-from service.video_cache import VideoCache
+from service.video_cache import VideoCache, animation_key, etag
 
 
 def get_model(request: Request) -> LoadedModel:
@@ -160,14 +159,14 @@ async def animation(
                 raise SamplerError(name, f"{name} does not apply to process=forward (it uses n, steps and seed)")
         fp = forward_plan(model, params.n, params.steps, params.seed)
         request.state.sampler = "forward"
-        key = f"{model.id}|forward|{fp.levels}|{fp.seed}|{fp.n}|{params.fps}|{size}"
+        key = animation_key(model.id, "forward", fp.levels, fp.seed, fp.n, params.fps, size)
         seed = fp.seed
     else:
         p = plan(model, params)
         request.state.sampler = p.spec.name
-        key = f"{model.id}|reverse|{p.key()}|{p.seed}|{p.n}|{params.fps}|{size}"
+        key = animation_key(model.id, "reverse", p.key(), p.seed, p.n, params.fps, size)
         seed = p.seed
-    etag = f'"{hashlib.sha256(key.encode()).hexdigest()[:32]}"'
+    tag = etag(key)
     headers = {"X-Seed": str(seed)}
     if not_modified(request, None):  # "If-None-Match: *": this URL always has a representation; no need to render
         return Response(status_code=304, headers=headers if params.seed is not None else {})
@@ -177,8 +176,8 @@ async def animation(
         headers["Cache-Control"] = "no-store"
     else:
         headers["Cache-Control"] = "public, max-age=86400, immutable"  # deterministic given all parameters
-        if not_modified(request, etag):
-            return Response(status_code=304, headers={**headers, "ETag": etag})
+        if not_modified(request, tag):
+            return Response(status_code=304, headers={**headers, "ETag": tag})
 
     async def render() -> bytes:
         if params.process == "forward":
@@ -191,7 +190,7 @@ async def animation(
 
     data, cached = await cache.get_or_render(key, render)
     headers["X-Cache"] = "hit" if cached else "miss"
-    return ranged_response(request, data, "video/mp4", etag, headers)
+    return ranged_response(request, data, "video/mp4", tag, headers)
 
 
 @router.get(
