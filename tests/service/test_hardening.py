@@ -392,9 +392,9 @@ def test_17_queue_that_cannot_finish_in_time_is_refused_at_admission():
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(submit, 20_000_000)  # ~6 s by the estimate: beyond the 2 s deadline of anything behind it
-            await anyio.sleep(0.05)
+            await anyio.wait_all_tasks_blocked()  # barrier: the large job holds the slot
             tg.start_soon(submit, 10)
-            await anyio.sleep(0.2)
+            await anyio.wait_all_tasks_blocked()  # the small one has been answered, or is waiting for the slot
             release.set()
         return results
 
@@ -410,8 +410,14 @@ def test_17_a_waiting_job_is_refused_as_soon_as_it_cannot_start_in_time():
     async def main():
         gate = ComputeGate(max_concurrency=1, max_queue=100, timeout_s=2)
         gate.calibrate(0.01)
-        release = threading.Event()
+        release, third_answered = threading.Event(), anyio.Event()
+        first_has_slot, go = threading.Event(), threading.Event()
         results = {}
+
+        def first(job):
+            first_has_slot.set()
+            go.wait(5)
+            time.sleep(0.4)
 
         async def submit(name, cost, work):
             began = time.monotonic()
@@ -420,14 +426,20 @@ def test_17_a_waiting_job_is_refused_as_soon_as_it_cannot_start_in_time():
                 results[name] = ("ok", time.monotonic() - began)
             except Overloaded as e:
                 results[name] = (f"503 {e}", time.monotonic() - began)
+            if name == "third":
+                third_answered.set()
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(submit, "first", 1_000_000, lambda job: time.sleep(0.4))
-            await anyio.sleep(0.05)
+            # Barriers, not pauses: the first job holds the slot and the second waits behind it before the third
+            # comes; the first's 0.4 s of work starts only then (`go`).
+            tg.start_soon(submit, "first", 1_000_000, first)
+            await anyio.to_thread.run_sync(first_has_slot.wait, 5)
             tg.start_soon(submit, "second", 12_000_000, lambda job: release.wait(5))
-            await anyio.sleep(0.05)
+            await anyio.wait_all_tasks_blocked()
             tg.start_soon(submit, "third", 10, lambda job: None)
-            await anyio.sleep(1.2)
+            go.set()
+            with anyio.fail_after(5):
+                await third_answered.wait()  # the second job is held until the third has its answer
             release.set()
         return results
 
