@@ -44,6 +44,20 @@ def read_response(s: socket.socket) -> bytes:
     return data
 
 
+def read_one_response(s: socket.socket) -> bytes:
+    """One response (head and Content-Length body), leaving the connection open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+    )
+    while len(body) < length:
+        body += s.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
 def status_of(response: bytes) -> int | None:
     line = response.split(b"\r\n", 1)[0].split()
     return int(line[1]) if len(line) > 1 and line[1].isdigit() else None
@@ -164,8 +178,12 @@ def test_02_slow_headers_time_out_and_the_connection_cap_is_visible(limited):
     s.close()
 
     # Fill the cap (8) with silent connections: the next one gets a 503 at once, and it is counted and logged.
-    idle = [connect(limited) for _ in range(8)]
-    time.sleep(0.2)
+    idle = [connect(limited) for _ in range(7)]
+    # A barrier, not a pause: the server accepts connections in order, so once the 8th has been answered it has
+    # taken all eight (the 8th then stays open, idle, like the others).
+    idle.append(connect(limited))
+    idle[-1].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status_of(read_one_response(idle[-1])) == 200
     extra = connect(limited)
     began = time.monotonic()
     extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -248,7 +266,7 @@ def test_05_sigterm_cancels_work_past_a_fractional_drain_with_503():
 
         t = threading.Thread(target=long_request)
         t.start()
-        time.sleep(0.5)
+        server.wait_until_busy(requests=1)  # in flight: whether admitted yet or not, it must end in a 503
         sent = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         server.proc.wait(10)
