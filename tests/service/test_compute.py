@@ -127,3 +127,29 @@ def test_a_cancelled_caller_stops_its_worker_at_the_next_step():
     anyio.run(main)
     assert finished.wait(10)
     assert outcome != ["ran to the end"] and outcome[0] < 100
+
+
+def test_run_reserves_the_points_of_its_job_and_releases_them_however_it_ends():
+    async def main():
+        gate = ComputeGate(max_concurrency=2, max_queue=4, timeout_s=10, max_points=100)
+        release = threading.Event()
+
+        def fail(job):
+            raise ValueError("the work failed")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: gate.run(lambda job: release.wait(5), points=60))
+            await anyio.wait_all_tasks_blocked()  # the first job holds its 60 points
+            with pytest.raises(Overloaded, match="60 points in flight, limit 100"):
+                await gate.run(lambda job: None, points=41)
+            assert (await gate.run(lambda job: "fits", points=40))[0] == "fits"
+            release.set()
+        with pytest.raises(ValueError):
+            await gate.run(fail, points=100)
+        # Everything was given back: the whole budget is free again.
+        assert (await gate.run(lambda job: "all", points=100))[0] == "all"
+        with gate.admit(100), pytest.raises(Overloaded), gate.admit(1):
+            pass  # a batched request's own share (Batcher.sample) counts against the same bound
+        assert not gate.busy()
+
+    anyio.run(main)
