@@ -7,7 +7,7 @@ import logging
 import signal
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -50,8 +50,8 @@ SECRET_NAME_PARTS = ("key", "token", "secret", "pass", "auth", "credential", "se
 # CORS: what a browser page may send and read.
 CORS_ALLOW_HEADERS = ["Authorization", "Range", "If-None-Match", "If-Range"]
 CORS_EXPOSE_HEADERS = [
-    "X-Seed", "X-Model", "X-Model-Name", "X-Elapsed-Ms", "X-Cache", "ETag", "Content-Range", "Accept-Ranges", "Content-Length",
-    "Content-Location", "Retry-After", "X-Sampler", "X-Spacing", "X-Timesteps", "X-Levels",
+    "X-Seed", "X-Model", "X-Model-Name", "X-Elapsed-Ms", "X-Cache", "ETag", "Content-Range", "Accept-Ranges",
+    "Content-Length", "Content-Location", "Retry-After", "X-Sampler", "X-Spacing", "X-Timesteps", "X-Levels",
 ]  # fmt: skip
 
 
@@ -187,12 +187,15 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         log.info(json.dumps({"event": "ready", **info, **app.state.threads}))
         sighup = _watch_sighup(models)
         try:
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(models.watch, settings.reload_poll_s)
-                try:
-                    yield
-                finally:
-                    tasks.cancel_scope.cancel()
+            async with AsyncExitStack() as running:
+                if app.state.batcher is not None:
+                    await running.enter_async_context(app.state.batcher.serving())
+                async with anyio.create_task_group() as tasks:  # inside the batcher's: cancel scopes nest
+                    tasks.start_soon(models.watch, settings.reload_poll_s)
+                    try:
+                        yield
+                    finally:
+                        tasks.cancel_scope.cancel()
         finally:
             if sighup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)

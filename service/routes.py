@@ -1,6 +1,5 @@
 """HTTP routes: validate, call, serialize. Nothing here does maths."""
 
-import hashlib
 from typing import Annotated
 
 import numpy as np
@@ -28,7 +27,7 @@ from service.schemas import (
     SampleParams,
     TrajectoryParams,
 )
-from service.video_cache import VideoCache
+from service.video_cache import VideoCache, animation_key, etag
 
 
 def get_models(request: Request) -> ModelRepository:
@@ -195,14 +194,14 @@ async def animation(
                 raise SamplerError(name, f"{name} does not apply to process=forward (it uses n, steps and seed)")
         fp = forward_plan(model, params.n, params.steps, params.seed)
         request.state.sampler = "forward"
-        key = f"{model.id}|forward|{fp.levels}|{fp.seed}|{fp.n}|{params.fps}|{size}"
+        key = animation_key(model.id, "forward", fp.levels, fp.seed, fp.n, params.fps, size)
         seed = fp.seed
     else:
         p = plan(model, params)
         request.state.sampler = p.spec.name
-        key = f"{model.id}|reverse|{p.key()}|{p.seed}|{p.n}|{params.fps}|{size}"
+        key = animation_key(model.id, "reverse", p.key(), p.seed, p.n, params.fps, size)
         seed = p.seed
-    etag = f'"{hashlib.sha256(key.encode()).hexdigest()[:32]}"'
+    tag = etag(key)
     headers = {"X-Seed": str(seed), "X-Model": model.id, "X-Model-Name": request.state.model}
     if not_modified(request, None):  # "If-None-Match: *": this URL always has a representation; no need to render
         return Response(status_code=304, headers=headers if params.seed is not None else {})
@@ -212,8 +211,8 @@ async def animation(
         headers["Cache-Control"] = "no-store"
     else:
         headers["Cache-Control"] = "public, max-age=86400, immutable"  # deterministic given all parameters
-        if not_modified(request, etag):
-            return Response(status_code=304, headers={**headers, "ETag": etag})
+        if not_modified(request, tag):
+            return Response(status_code=304, headers={**headers, "ETag": tag})
 
     async def render() -> bytes:
         if params.process == "forward":
@@ -226,7 +225,7 @@ async def animation(
 
     data, cached = await cache.get_or_render(key, render)
     headers["X-Cache"] = "hit" if cached else "miss"
-    return ranged_response(request, data, "video/mp4", etag, headers)
+    return ranged_response(request, data, "video/mp4", tag, headers)
 
 
 @router.get(
