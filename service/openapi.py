@@ -29,6 +29,7 @@ HEADERS = {
         "the seed used (drawn when the request gave none): repeat the request with it", pattern="^[0-9]+$"
     ),
     "X-Model": header("the checkpoint id: sha256 of the model file", pattern="^[0-9a-f]{64}$"),
+    "X-Model-Name": header("the model's name (its file stem in the models directory; see /models)"),
     "X-Elapsed-Ms": header("compute time, milliseconds"),
     "X-Sampler": header("format=npy: the sampler used"),
     "X-Spacing": header("format=npy: the spacing used (trailing or tuned)"),

@@ -22,6 +22,9 @@ MODEL_ID = "250fe3521b839d375c0a7ddf9b856cd5be1a2cca02fef2c333ac389861a56027"  #
 Point = Annotated[list[float], Field(min_length=2, max_length=2, examples=[[0.512, -1.204]])]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX, description="the seed used (drawn when the request gave none)")]
 ModelId = Annotated[str, Field(description="the checkpoint id: sha256 of the model file", examples=[MODEL_ID])]
+ModelName = Annotated[
+    str, Field(description="the model's name: its file stem in the models directory (see /models)", examples=["swissroll"])
+]
 ElapsedMs = Annotated[float, Field(ge=0, description="compute time of this request, milliseconds")]
 
 
@@ -39,6 +42,7 @@ class Run(_Body):
     seed: Seed
     eta: float | None = Field(None, ge=0, le=1, description="ddim only, present when given")
     model: ModelId
+    model_name: ModelName
     elapsed_ms: ElapsedMs
 
 
@@ -55,6 +59,7 @@ class SampleResult(Run):
                     "spacing": "tuned",
                     "seed": 7,
                     "model": MODEL_ID,
+                    "model_name": "swissroll",
                     "elapsed_ms": 3.1,
                     "points": [[0.512, -1.204], [-1.033, 0.871]],
                 }
@@ -84,6 +89,7 @@ class ForwardResult(_Body):
     steps: int = Field(ge=1, description="noising levels shown")
     seed: Seed
     model: ModelId
+    model_name: ModelName
     elapsed_ms: ElapsedMs
     levels: list[int] = Field(description="ascending; frames[k] is at levels[k - 1]")
     alphas_cumprod: list[float] = Field(description="alpha_bar at each level")
@@ -98,6 +104,7 @@ class FieldResult(_Body):
     alpha_bar: float
     sigma: float = Field(description="sqrt(1 - alpha_bar); the score is -eps / sigma")
     model: ModelId
+    model_name: ModelName
     elapsed_ms: ElapsedMs
     points: list[Point] = Field(description="grid^2 points: k = (xs[k % grid], ys[k // grid])")
     eps: list[Point] = Field(description="predicted noise at each point")
@@ -160,14 +167,62 @@ class ServedMetadata(CheckpointMetadata):
     data: ServedDataInfo
 
 
-class ModelInfo(_Body):
+class StepBounds(_Body):
+    min: int
+    max: int
+
+
+class SamplerSupport(_Body):
+    steps: StepBounds
+    tuned_steps: list[int] = Field(description="step counts with a tuned schedule (spacing=tuned)")
+
+
+class ModelQuality(_Body):
+    metric: str | None
+    floor: float | None = Field(description="the metric between two real samples: the best reachable")
+    samplers: dict[str, SamplerQuality]
+
+
+class ModelSummary(_Body):
+    """One model of /models: enough to choose one and to see how good each sampler is on it."""
+
+    name: ModelName
     id: ModelId
     file: str = Field(description="the checkpoint's file name (never a path)", examples=["swissroll.pt"])
     device: str = Field(examples=["cpu", "cuda:0"])
-    threads: Threads
-    num_timesteps: int = Field(ge=2)
+    default: bool = Field(description="used when a request names no model")
+    loaded_at: str = Field(description="when this version was loaded, ISO 8601 UTC", examples=["2026-01-01T00:00:00+00:00"])
+    load_s: float = Field(ge=0, description="seconds to load and check it")
+    preset: str | None = Field(description="architecture preset", examples=["default", "seed"])
     prediction_type: str = Field(examples=["v", "epsilon"])
+    num_timesteps: int = Field(ge=2)
+    schedule: str | None = Field(examples=["cosine"])
+    samplers: dict[SamplerName, SamplerSupport]
+    quality: ModelQuality
+
+
+class LoadFailureInfo(_Body):
+    """A file in the models directory that did not load: skipped (or, for a replacement, the old version kept)."""
+
+    name: ModelName
+    file: str
+    reason: str = Field(description="the one-line reason")
+    at: str = Field(description="when, ISO 8601 UTC")
+    still_serving: str | None = Field(description="the id of the previous version, which keeps serving; None if none")
+
+
+class ModelList(_Body):
+    default: ModelName
+    models: list[ModelSummary]
+    failures: list[LoadFailureInfo]
+
+
+class ModelDetails(ModelSummary):
+    """One model in full (/models/{name}; /model for the default)."""
+
+    threads: Threads
     cuda_fast_path: CudaFastPathInfo | None
+    sampler_details: list[SamplerInfo] = Field(description="as /samplers?model=<name>")
     metadata: ServedMetadata = Field(description="the checkpoint's metadata.json, paths reduced to file names")
 
 

@@ -38,9 +38,14 @@ BIG_VIDEO = {"n": 20_000, "steps": 100, "size": 1080, "seed": 5}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # T = 100: one request can ask for a long video (the 504 case); the tiny network keeps everything else fast.
-    checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("client") / "tiny.pt", num_timesteps=100)
+    # A second model and a file that fails to load, so /models has all its parts.
+    models = tmp_path_factory.mktemp("client-models")
+    write_tiny_checkpoint(models / "tiny.pt", num_timesteps=100)
+    write_tiny_checkpoint(models / "other.pt", prediction_type="epsilon")
+    (models / "broken.pt").write_bytes(b"not a checkpoint")
     env = {
-        "SWISSROLL_CHECKPOINT": str(checkpoint),
+        "SWISSROLL_MODELS_DIR": str(models),
+        "SWISSROLL_DEFAULT_MODEL": "tiny",
         "SWISSROLL_API_KEYS": KEY,
         "SWISSROLL_MAX_POINTS_IN_FLIGHT": str(MAX_POINTS),
         "SWISSROLL_REQUEST_TIMEOUT_S": str(TIMEOUT_S),
@@ -115,9 +120,20 @@ def test_json_200s_are_typed(api, client, models):
     assert all(isinstance(s.steps, models.StepsRange) and s.steps.max_ == 100 for s in samplers.parsed)
 
     info = operation(api, "model", "model")(client=client)
-    assert isinstance(info.parsed, models.ModelInfo) and info.parsed.num_timesteps == 100
-    assert isinstance(info.parsed.metadata, models.ServedMetadata)
+    assert isinstance(info.parsed, models.ModelDetails) and info.parsed.num_timesteps == 100
+    assert isinstance(info.parsed.metadata, models.ServedMetadata) and info.parsed.default
     assert info.parsed.metadata.data.mean == [0.0, 0.0] and info.parsed.threads.threads == 1
+
+    listing = operation(api, "model", "models")(client=client).parsed
+    assert isinstance(listing, models.ModelList) and listing.default == "tiny"
+    assert {m.name for m in listing.models} == {"tiny", "other"}
+    assert all(isinstance(m, models.ModelSummary) for m in listing.models)
+    assert [f.name for f in listing.failures] == ["broken"] and isinstance(listing.failures[0], models.LoadFailureInfo)
+    other = operation(api, "model", "model_by_name")(client=client, name="other").parsed
+    assert isinstance(other, models.ModelDetails) and other.prediction_type == "epsilon" and not other.default
+    on_other = operation(api, "sampling", "sample")(client=client, n=2, model="other")
+    assert on_other.parsed.model_name == "other" == on_other.headers["X-Model-Name"]
+    assert on_other.parsed.model == other.id
 
     assert isinstance(operation(api, "ops", "healthz")(client=client).parsed, models.Health)
     ready = operation(api, "ops", "readyz")(client=client).parsed
@@ -189,9 +205,10 @@ def test_error_statuses_are_typed(api, client, models, server):
     assert late.status_code == 504 and isinstance(late.parsed, models.Error)
     assert f"{TIMEOUT_S} s deadline" in late.parsed.detail
 
-    # No generated operation answers 404 yet (the model repository's /models/{name} will); the body is the same.
-    missing = httpx.get(f"{server.url}/no-such-route")
-    assert missing.status_code == 404 and isinstance(models.Error.from_dict(missing.json()), models.Error)
+    missing = operation(api, "model", "model_by_name")(client=client, name="nope")
+    assert missing.status_code == 404 and isinstance(missing.parsed, models.Error) and "nope" in missing.parsed.detail
+    unknown = sample(client=client, n=2, model="nope")
+    assert unknown.status_code == 422 and issue_names(unknown.parsed) == ["model"]
 
 
 def test_every_operation_was_called(api):

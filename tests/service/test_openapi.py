@@ -15,14 +15,16 @@ from service.responses import (
     FieldResult,
     ForwardResult,
     Health,
-    ModelInfo,
+    ModelDetails,
+    ModelList,
     Readiness,
     SampleResult,
     SamplerInfo,
     TrajectoryResult,
 )
 from service.routes import router
-from tests.utils.checkpoints import make_settings
+from service.settings import Settings
+from tests.utils.checkpoints import write_tiny_checkpoint
 
 KEY = "contract-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -33,6 +35,8 @@ OPERATIONS = {
     "/forward": "forward",
     "/field": "field",
     "/samplers": "samplers",
+    "/models": "models",
+    "/models/{name}": "model_by_name",
     "/model": "model",
     "/healthz": "healthz",
     "/readyz": "readyz",
@@ -43,8 +47,14 @@ OWN_ERROR_BODIES = {("/readyz", "503")}
 
 
 @pytest.fixture(scope="module")
-def keyed(tiny_checkpoint):
-    with TestClient(create_app(make_settings(tiny_checkpoint, api_keys=KEY))) as c:
+def keyed(tmp_path_factory):
+    # Two models and a file that fails to load: /models lists both and the failure, all of it declared.
+    models = tmp_path_factory.mktemp("contract-models")
+    write_tiny_checkpoint(models / "tiny.pt")
+    write_tiny_checkpoint(models / "other.pt", prediction_type="epsilon")
+    (models / "broken.pt").write_bytes(b"not a checkpoint")
+    settings = Settings(models_dir=models, default_model="tiny", device="cpu", torch_threads=1, api_keys=KEY)
+    with TestClient(create_app(settings)) as c:
         yield c
 
 
@@ -90,7 +100,7 @@ def test_declared_headers(spec):
     def headers(path, status="200"):
         return set(spec["paths"][path]["get"]["responses"][status].get("headers", {}))
 
-    assert {"X-Seed", "X-Model", "X-Elapsed-Ms"} <= headers("/sample")
+    assert {"X-Seed", "X-Model", "X-Model-Name", "X-Elapsed-Ms"} <= headers("/sample")
     assert {"X-Seed", "X-Model", "X-Timesteps", "X-Sampler", "X-Spacing"} <= headers("/trajectory")
     assert {"X-Seed", "X-Levels"} <= headers("/forward")
     assert {"X-Seed", "X-Model", "ETag", "Accept-Ranges"} <= headers("/animation")
@@ -110,12 +120,16 @@ def test_models_carry_examples(spec):
     ("url", "model"),
     [
         ("/sample?n=5&seed=1", SampleResult),
+        ("/sample?n=5&seed=1&model=other", SampleResult),
         ("/sample?n=5&sampler=ddim&eta=0.5&steps=3", SampleResult),
         ("/trajectory?n=3&steps=2", TrajectoryResult),
         ("/trajectory?n=3&steps=2&include_x0=true", TrajectoryResult),
         ("/forward?n=3&steps=2", ForwardResult),
         ("/field?t=3&grid=3", FieldResult),
-        ("/model", ModelInfo),
+        ("/model", ModelDetails),
+        ("/models", ModelList),
+        ("/models/other", ModelDetails),
+        ("/samplers?model=other", None),
         ("/healthz", Health),
         ("/readyz", Readiness),
     ],
@@ -123,7 +137,10 @@ def test_models_carry_examples(spec):
 def test_json_bodies_parse_into_the_declared_models(keyed, url, model):
     r = keyed.get(url, headers=AUTH)
     assert r.status_code == 200, r.text
-    model.model_validate_json(r.content)  # extra="forbid": an undeclared field fails here
+    if model is None:  # a list: /samplers
+        assert [SamplerInfo.model_validate(s) for s in r.json()]
+    else:
+        model.model_validate_json(r.content)  # extra="forbid": an undeclared field fails here
 
 
 def test_samplers_parse(keyed):
@@ -140,6 +157,8 @@ def test_samplers_parse(keyed):
         ("/sample?n=1&n=2", AUTH, 422),
         ("/sample?n=1", {}, 401),
         ("/nope", {}, 404),
+        ("/models/nope", AUTH, 404),
+        ("/sample?model=nope", AUTH, 422),
         ("/healthz", {f"x-h{i}": "1" for i in range(101)}, 431),
         ("/animation?n=10&steps=2&seed=0&size=240", {**AUTH, "Range": "bytes=999999999-"}, 416),
     ],
@@ -156,3 +175,8 @@ def test_point_bodies_are_declared_not_validated_per_request():
     routes = {r.path: r for r in router.routes}
     for path in ("/sample", "/trajectory", "/forward", "/field"):
         assert routes[path].response_model is None and routes[path].response_field is None, path
+
+
+def test_the_models_listing_checked_above_has_a_failure(keyed):
+    listing = ModelList.model_validate_json(keyed.get("/models", headers=AUTH).content)
+    assert [f.name for f in listing.failures] == ["broken"] and {m.name for m in listing.models} == {"tiny", "other"}

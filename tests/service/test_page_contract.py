@@ -24,9 +24,17 @@ FIELDS_READ = [
     ("/samplers", "[].params.*.min", "eta.min"),
     ("/samplers", "[].params.*.max", "eta.max"),
     ("/samplers", "[].params.*.description", "eta.description"),
-    ("/model", "metadata.data.mean", "data.mean"),
-    ("/model", "metadata.data.std", "data.std"),
-    ("/model", "metadata.data.noise", "data.noise"),
+    ("/models", "default", "listing.default"),
+    ("/models", "models.[].name", "m.name"),
+    ("/models", "models.[].default", "m.default"),
+    ("/models", "models.[].file", "m.file"),
+    ("/models", "models.[].id", "m.id.slice"),
+    ("/models", "models.[].preset", "m.preset"),
+    ("/models", "models.[].prediction_type", "m.prediction_type"),
+    ("/models", "models.[].num_timesteps", "m.num_timesteps"),
+    ("/models/{name}", "metadata.data.mean", "data.mean"),
+    ("/models/{name}", "metadata.data.std", "data.std"),
+    ("/models/{name}", "metadata.data.noise", "data.noise"),
     ("/field", "points", "body.points"),
     ("/field", "eps", "body.eps"),
     ("/trajectory", "ERROR.detail", "body && body.detail"),
@@ -58,29 +66,59 @@ def literal_keys(text: str) -> set[str]:
 
 
 FUNCTIONS = functions(APP_JS)
-CALL = r"(?:apiGet|getNpy)\(\"(/\w+)\"|`(/\w+)\?"
+# One API call: apiGet/getNpy("/path", query), `/path/${...}` (a path parameter), or `/path?${new URLSearchParams(q)}`
+# (the <video> source). Groups: helper, path, query argument | templated path | video path, its query argument.
+CALL = re.compile(
+    r"(apiGet|getNpy)\(\"(/\w+)\"(?:, (\{[^{}]*\}|\w+))?"
+    r"|apiGet\(`(/\w+/)\$\{"
+    r"|`(/\w+)\?\$\{new URLSearchParams\((\{[^{}]*\}|\w+)\)"
+)
 
 
-def query_params(body: str) -> set[str]:
-    """Every query parameter a function body sends: literals handed to the API helpers or URLSearchParams, fields set
-    on the query objects it builds, and what the helpers it calls add (readQuery's fields, getNpy's format/dtype)."""
-    keys = set()
-    for m in re.finditer(r"(?:apiGet\(\"/\w+\", |getNpy\(\"/\w+\", |URLSearchParams\()\{([^{}]*)\}", body):
-        keys |= literal_keys(m.group(1))
-    for m in re.finditer(r"(?:apiGet\(\"/\w+\", |getNpy\(\"/\w+\", |URLSearchParams\()(\w+)\b", body):
-        name = m.group(1)
-        keys |= set(re.findall(rf"\b{name}\.(\w+) = ", body))
-        for literal in re.findall(rf"(?:const|let) {name} = \{{([^{{}}]*)\}}", body):
-            keys |= literal_keys(literal)
-        if re.search(rf"(?:const|let) {name} = readQuery\(\)", body):
-            keys |= query_params(FUNCTIONS["readQuery"] + "\nURLSearchParams(q)")
-    if "getNpy(" in body:
-        keys |= literal_keys(re.search(r"apiGet\(path, \{([^{}]*)\}", FUNCTIONS["getNpy"]).group(1))
+def argument_keys(argument: str, body: str) -> set[str]:
+    """The query parameters of one call's argument: a literal's keys, or for a variable the fields set on it in the
+    same function (its literal, `q.x = ...`, and readQuery()'s fields when it comes from there)."""
+    if not argument:
+        return set()
+    if argument.startswith("{"):
+        return literal_keys(argument[1:-1])
+    keys = set(re.findall(rf"\b{argument}\.(\w+) = ", body))
+    for literal in re.findall(rf"(?:const|let) {argument} = \{{([^{{}}]*)\}}", body):
+        keys |= literal_keys(literal)
+    if re.search(rf"(?:const|let) {argument} = readQuery\(\)", body):
+        keys |= argument_keys("q", FUNCTIONS["readQuery"])
     return keys
 
 
+def calls(body: str) -> list[tuple[str, set[str]]]:
+    """(path, query parameters) of every API call in a function body; a templated path ends in "{}"."""
+    out = []
+    for helper, path, argument, templated, video, video_argument in CALL.findall(body):
+        if templated:
+            out.append((templated + "{}", set()))
+        elif video:
+            out.append((video, argument_keys(video_argument, body)))
+        else:
+            keys = argument_keys(argument, body)
+            if helper == "getNpy":  # getNpy adds format=npy and the dtype
+                keys |= literal_keys(re.search(r"apiGet\(path, \{([^{}]*)\}", FUNCTIONS["getNpy"]).group(1))
+            out.append((path, keys))
+    return out
+
+
 def endpoints(body: str) -> set[str]:
-    return {a or b for a, b in re.findall(CALL, body)}
+    return {path for path, _ in calls(body)}
+
+
+def spec_path(spec: dict, path: str) -> str | None:
+    """The spec's path for a called one; a templated segment matches the spec's path parameter there."""
+    if not path.endswith("{}"):
+        return path if path in spec["paths"] else None
+    return next((p for p in spec["paths"] if re.fullmatch(re.escape(path[:-2]) + r"\{\w+\}", p)), None)
+
+
+def query_params(body: str) -> set[str]:
+    return set().union(*(keys for _, keys in calls(body)))
 
 
 @pytest.fixture(scope="module")
@@ -114,30 +152,31 @@ def declared(spec: dict, schema: dict, path: list[str]) -> bool:
 def test_the_page_source_is_read():
     """The extraction itself: what the page is known to call and send today (so the checks below are not vacuous)."""
     called = set().union(*(endpoints(b) for b in FUNCTIONS.values()))
-    assert {"/trajectory", "/forward", "/field", "/animation", "/model", "/samplers"} <= called
-    assert {"sampler", "n", "steps", "seed", "eta", "include_x0", "format", "dtype"} <= query_params(
+    assert {"/trajectory", "/forward", "/field", "/animation", "/models", "/models/{}", "/samplers"} <= called
+    assert {"model", "sampler", "n", "steps", "seed", "eta", "include_x0", "format", "dtype"} <= query_params(
         FUNCTIONS["runTrajectory"]
     )
-    assert {"process", "n", "steps", "seed", "fps", "size", "sampler", "spacing", "eta"} <= query_params(
+    assert {"model", "process", "n", "steps", "seed", "fps", "size", "sampler", "spacing", "eta"} <= query_params(
         FUNCTIONS["animationUrl"]
     )
 
 
 def test_every_endpoint_and_parameter_the_page_sends_is_in_the_spec(spec):
     for name, body in FUNCTIONS.items():
-        for path in endpoints(body):
-            assert path in spec["paths"], f"app.js {name}() calls {path}, which the spec does not have"
+        for called, sent in calls(body):
+            path = spec_path(spec, called)
+            assert path, f"app.js {name}() calls {called}, which the spec does not have"
             params = {p["name"] for p in spec["paths"][path]["get"].get("parameters", []) if p["in"] == "query"}
-            unknown = query_params(body) - params
+            unknown = sent - params
             assert not unknown, f"app.js {name}() sends {sorted(unknown)} to {path}; the spec has {sorted(params)}"
 
 
 def test_every_header_the_page_reads_is_declared(spec):
-    page_paths = set().union(*(endpoints(b) for b in FUNCTIONS.values()))
+    page_paths = {spec_path(spec, p) for b in FUNCTIONS.values() for p in endpoints(b)}
     for name, body in FUNCTIONS.items():
         read = set(re.findall(r"headers\.get\(\"([\w-]+)\"\)", body)) - STANDARD_HEADERS
         # A function that calls endpoints reads their headers; a helper (describeError) those of any page endpoint.
-        paths = endpoints(body) or page_paths
+        paths = {spec_path(spec, p) for p in endpoints(body)} or page_paths
         responses = [r for p in paths for r in spec["paths"][p]["get"]["responses"].values()]
         have = {h.lower() for r in responses for h in r.get("headers", {})}
         missing = {h for h in read if h.lower() not in have}
