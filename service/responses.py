@@ -23,7 +23,8 @@ Point = Annotated[list[float], Field(min_length=2, max_length=2, examples=[[0.51
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX, description="the seed used (drawn when the request gave none)")]
 ModelId = Annotated[str, Field(description="the checkpoint id: sha256 of the model file", examples=[MODEL_ID])]
 ModelName = Annotated[
-    str, Field(description="the model's name: its file stem in the models directory (see /models)", examples=["swissroll"])
+    str,
+    Field(description="the model's name: its file stem in the models directory (see /models)", examples=["swissroll"]),
 ]
 ElapsedMs = Annotated[float, Field(ge=0, description="compute time of this request, milliseconds")]
 
@@ -191,7 +192,9 @@ class ModelSummary(_Body):
     file: str = Field(description="the checkpoint's file name (never a path)", examples=["swissroll.pt"])
     device: str = Field(examples=["cpu", "cuda:0"])
     default: bool = Field(description="used when a request names no model")
-    loaded_at: str = Field(description="when this version was loaded, ISO 8601 UTC", examples=["2026-01-01T00:00:00+00:00"])
+    loaded_at: str = Field(
+        description="when this version was loaded, ISO 8601 UTC", examples=["2026-01-01T00:00:00+00:00"]
+    )
     load_s: float = Field(ge=0, description="seconds to load and check it")
     preset: str | None = Field(description="architecture preset", examples=["default", "seed"])
     prediction_type: str = Field(examples=["v", "epsilon"])

@@ -81,7 +81,16 @@ def choose(models: ModelRepository, request: Request, name: str | None) -> Loade
 
 
 # What every /animation video response says about itself (206 adds Content-Range).
-ANIMATION_HEADERS = ("X-Seed", "X-Model", "X-Model-Name", "X-Cache", "ETag", "Accept-Ranges", "Cache-Control", "Content-Location")
+ANIMATION_HEADERS = (
+    "X-Seed",
+    "X-Model",
+    "X-Model-Name",
+    "X-Cache",
+    "ETag",
+    "Accept-Ranges",
+    "Cache-Control",
+    "Content-Location",
+)
 
 
 def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, timing: Timing) -> None:
