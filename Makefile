@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 CHECKPOINT ?= checkpoints/swissroll.pt
 
-.PHONY: serve test train lint bench-quality bench-speed bench-load clean
+.PHONY: serve test train distill lint bench-quality bench-speed bench-load bench-distillation clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ lint: $(VENV)/.dev
 
 train: $(VENV)/.dev
 	$(PY) -m training --preset default --epochs 300 --ema-decay 0.995 --seed 0 --out $(CHECKPOINT)
+
+# Few-step students of the default (training/distill.py): both methods compared, the best kept. ~10 min, 2 cores.
+distill: $(VENV)/.dev
+	$(PY) -m training.distill --teacher $(CHECKPOINT) --out checkpoints/swissroll-fast.pt
+
+bench-distillation: $(VENV)/.dev
+	$(PY) -m bench.distillation
 
 bench-quality: $(VENV)/.dev
 	$(PY) -m bench.quality

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,13 +52,14 @@ class DistillConfig:
     out: str = "checkpoints/swissroll-fast.pt"
     methods: str = ",".join(METHODS)
     first_steps: int = 8  # progressive distillation's first round: the teacher's T levels in this many steps
-    round_iterations: int = 1500  # per progressive round (four rounds from 8 steps)
+    round_iterations: int = 1000  # per progressive round (four rounds from 8 steps)
     consistency_iterations: int = 4000
     batch_size: int = 2048
     lr: float = 3e-4
     target_ema: float = 0.95
     seed: int = 0
     eval_points: int = 20_000
+    students_dir: str = ""  # also write every student (one file per progressive step count) here
     progress: bool = True
     notes: dict = field(default_factory=dict)
 
@@ -185,21 +187,36 @@ def distil(config: DistillConfig) -> dict:
         students.append(student)
 
     best = min(students, key=lambda s: np.mean([s.quality[k]["sliced_w2"] for k in STEPS if k in s.quality]))
-    net, *served = export_choice(best)
-    metadata = describe(config, teacher, best, served, students, reference)
-    export_checkpoint(net.inference(), torch.tensor(ab, dtype=torch.float64), metadata, config.out)
-    log(f"wrote {config.out}: {best.method}, {served}")
+    ab64 = torch.tensor(ab, dtype=torch.float64)
+    metadata = None
+    for student in students:
+        for steps_served in served_sets(student, every=True):
+            if config.students_dir:
+                path = Path(config.students_dir) / f"{student.method}-{'-'.join(map(str, steps_served))}.pt"
+                export_checkpoint(
+                    *student_file(config, teacher, student, steps_served, students, reference, ab64), path
+                )
+    net, _, meta_best = student_file(config, teacher, best, served_sets(best)[0], students, reference, ab64)
+    export_checkpoint(net, ab64, meta_best, config.out)
+    log(f"wrote {config.out}: {best.method}, {meta_best['distillation']['samplers']}")
+    metadata = meta_best
     return metadata
 
 
-def export_choice(best: Student) -> tuple[torch.nn.Module, dict]:
-    """The network to write and the settings it serves. A consistency student serves every step count it was
-    measured at; a progressive one only its own grid (its 1-, 2- and 4-step students are different networks), so
-    the 2-step student, the service's headline, is kept."""
-    steps = sorted(best.nets) if best.method == "consistency" else [2]
-    settings = {str(k): {"levels": best.levels[k], **best.quality[k]} for k in steps}
-    default = 2 if 2 in steps else steps[0]
-    return best.nets[steps[0]], {best.sampler: settings}, {"sampler": best.sampler, "steps": default}
+def served_sets(student: Student, every: bool = False) -> list[list[int]]:
+    """Which step counts one file serves. A consistency student serves every step count it was measured at; a
+    progressive one only its own grid (its 1-, 2- and 4-step students are different networks): one file per step
+    count, and for the exported model the 2-step student, the service's headline."""
+    if student.method == "consistency":
+        return [sorted(student.nets)]
+    return [[k] for k in sorted(student.nets)] if every else [[2]]
+
+
+def student_file(config, teacher, student: Student, steps: list[int], students, reference, ab64):
+    settings = {str(k): {"levels": student.levels[k], **student.quality[k]} for k in steps}
+    default = {"sampler": student.sampler, "steps": 2 if 2 in steps else steps[0]}
+    metadata = describe(config, teacher, student, ({student.sampler: settings}, default), students, reference)
+    return student.nets[steps[0]].inference(), ab64, metadata
 
 
 def describe(config, teacher, best: Student, served, students: list[Student], reference: dict) -> dict:
