@@ -52,7 +52,8 @@ class DistillConfig:
     out: str = "checkpoints/swissroll-fast.pt"
     methods: str = ",".join(METHODS)
     first_steps: int = 8  # progressive distillation's first round: the teacher's T levels in this many steps
-    round_iterations: int = 1000  # per progressive round (four rounds from 8 steps)
+    first_round_iterations: int = 1000  # progressive round 0: T levels -> first_steps (k second-order steps each)
+    round_iterations: int = 1000  # each later progressive round (8 -> 4 -> 2 -> 1: two DDIM steps each)
     consistency_iterations: int = 4000
     batch_size: int = 2048
     lr: float = 3e-4
@@ -124,7 +125,10 @@ def distil_progressive(config, net0, teacher_x0, levels, data, generator, log) -
             nets[steps] = copy.deepcopy(student).requires_grad_(False)
 
     budget = Budget(config.round_iterations, config.batch_size, config.lr)
-    progressive_distillation(net0, teacher_x0, levels, config.first_steps, data, budget, generator, keep)
+    first = Budget(config.first_round_iterations, config.batch_size, config.lr)
+    progressive_distillation(
+        net0, teacher_x0, levels, config.first_steps, data, budget, generator, keep, first_budget=first
+    )
     T = levels.num_timesteps
     grids = {steps: [*range(T - 1, -1, -T // steps)] for steps in nets}
     return Student("progressive", "ddim", nets, grids, time.perf_counter() - start)

@@ -160,17 +160,21 @@ def progressive_distillation(
     generator: torch.Generator,
     on_round: Callable[[int, nn.Module], None] | None = None,
     swap: bool = False,
+    first_budget: Budget | None = None,
 ) -> nn.Module:
     """Rounds first_steps -> first_steps / 2 -> ... -> 1 (Salimans & Ho 2022, Algorithm 2). Round 0 distils the
     teacher's second-order solve over all T levels into `first_steps` DDIM steps on trailing levels (T must be a
     multiple of first_steps, a power of two); each later round's teacher is the previous student, frozen, taking
-    DDIM steps on its grid. on_round(steps, student) sees each finished student."""
+    DDIM steps on its grid. on_round(steps, student) sees each finished student. `first_budget` (default: `budget`)
+    is round 0's: its iterations cost k second-order teacher steps each, the later rounds' two DDIM steps."""
     T = levels.num_timesteps
     if T % first_steps or first_steps & (first_steps - 1):
         raise ValueError(f"first_steps must be a power of two dividing T = {T}, got {first_steps}")
     teacher_grid, k, order = [*range(T - 1, -1, -1), CLEAN], T // first_steps, 2
+    round_budget = first_budget or budget
     while True:
-        progressive_round(student, teacher_x0, levels, teacher_grid, k, data, budget, generator, order, swap)
+        progressive_round(student, teacher_x0, levels, teacher_grid, k, data, round_budget, generator, order, swap)
+        round_budget = budget
         teacher_grid = teacher_grid[::k]
         if on_round is not None:
             on_round(len(teacher_grid) - 1, student)

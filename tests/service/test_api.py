@@ -63,7 +63,7 @@ def test_json_points_round_trip_float32_exactly(client):
         ("n=0", "n", "1..100000"),
         ("n=1000000000", "n", "1..100000"),
         ("n=abc", "n", "1..100000"),
-        ("sampler=euler", "sampler", "'ddpm', 'ddpm_x0', 'ddim' or 'dpmpp_2m'"),
+        ("sampler=euler", "sampler", "'ddpm', 'ddpm_x0', 'ddim', 'dpmpp_2m' or 'consistency'"),
         ("steps=0", "steps", "1..1000"),
         (f"steps={TINY_T + 1}", "steps", f"steps must be in 1..{TINY_T}"),
         ("sampler=ddpm&eta=0.5", "eta", "eta is not a parameter of sampler 'ddpm'"),
