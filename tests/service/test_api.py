@@ -112,7 +112,7 @@ def test_tuned_timesteps_are_the_default_where_the_model_has_them(client):
     [
         ("sampler=dpmpp_2m&steps=5&spacing=tuned", "tuned timesteps for sampler 'dpmpp_2m' at steps 4, not at 5"),
         ("sampler=ddim&steps=4&spacing=tuned", "no tuned timesteps for sampler 'ddim'"),
-        ("spacing=even", "'trailing' or 'tuned'"),
+        ("spacing=even", "'trailing', 'tuned' or 'distilled'"),
     ],
 )
 def test_unavailable_spacing_is_422_naming_what_exists(client, query, message):
