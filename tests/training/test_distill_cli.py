@@ -1,6 +1,8 @@
 """python -m training.distill end to end on a tiny teacher: every student written, the best exported as a valid
 distilled checkpoint (format_version 2) that names its teacher and serves only what it was made for."""
 
+import os
+
 import pytest
 import torch
 
@@ -21,7 +23,18 @@ def run(tmp_path_factory):
         "--first-round-iterations", "2", "--round-iterations", "2", "--consistency-iterations", "2",
         "--batch-size", "64", "--eval-points", "500", "--no-progress",
     ]  # fmt: skip
-    metadata = distil(parse_args(argv))
+    # One torch thread, as the rest of the suite runs: distil() sets the count from SWISSROLL_TORCH_THREADS, and
+    # two threads' barriers on tiny batches crawl on a busy machine. The process's count is restored after.
+    threads, saved = torch.get_num_threads(), os.environ.get("SWISSROLL_TORCH_THREADS")
+    os.environ["SWISSROLL_TORCH_THREADS"] = "1"
+    try:
+        metadata = distil(parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)
+        if saved is None:
+            del os.environ["SWISSROLL_TORCH_THREADS"]
+        else:
+            os.environ["SWISSROLL_TORCH_THREADS"] = saved
     return tmp, metadata
 
 
