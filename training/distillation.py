@@ -13,7 +13,6 @@ z_e = alpha_e x + sigma_e (z_s - alpha_s x) / sigma_s.
 """
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -230,10 +229,3 @@ def ode_map(x0_fn: X0Fn, levels: Levels, z: torch.Tensor, path: list[int], order
         z = ode_step(x0_fn, levels, z, torch.full((rows,), s), torch.full((rows,), e), order)
     return z
 
-
-def lr_note(budget: Budget) -> str:
-    return f"Adam {budget.lr:g} decaying linearly to {budget.lr * budget.final_lr_fraction:g}"
-
-
-def is_power_of_two(n: int) -> bool:
-    return n > 0 and math.log2(n).is_integer()
