@@ -19,11 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion.checkpoint_schema import parse_metadata
+from diffusion.checkpoint_schema import format_version_for, parse_metadata
 from diffusion.denoiser import Denoiser
 from diffusion.samplers import SAMPLERS
 
-FORMAT_VERSION = 1  # what save_checkpoint writes (checkpoint_schema.SUPPORTED_FORMAT_VERSIONS: what load_model reads)
+# What save_checkpoint writes for a file using no version-2 object (format_version_for; a distilled file is 2);
+# checkpoint_schema.SUPPORTED_FORMAT_VERSIONS is what load_model reads.
+FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 
 
@@ -110,9 +112,10 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     _check_forward(path, net, len(alphas_cumprod), device)
     try:
         tuned = parse_tuned_timesteps(checked.tuned_timesteps, len(alphas_cumprod))
+        distilled, default = parse_distillation(checked.distillation, len(alphas_cumprod))
     except ValueError as e:
         raise CheckpointError(path, str(e)) from e
-    denoiser = Denoiser(net, alphas_cumprod, checked.prediction_type, device, tuned)
+    denoiser = Denoiser(net, alphas_cumprod, checked.prediction_type, device, tuned, distilled, default)
     return LoadedModel(denoiser, metadata, _sha256(path), path, device)
 
 
@@ -162,6 +165,45 @@ def parse_tuned_timesteps(tuned, num_timesteps: int) -> dict[str, dict[int, tupl
     return out
 
 
+def parse_distillation(distillation, num_timesteps: int) -> tuple[dict[str, dict[int, tuple[int, ...]]], tuple | None]:
+    """The settings a distilled model serves, {sampler: {steps: levels}}, and its default (sampler, steps); ({}, None)
+    for a model that is not distilled. ValueError (one line) when a declared setting does not match its levels (as
+    many as its key says, strictly decreasing from T-1, within 0..T-1) or the default is not among them. Samplers
+    this service lacks are skipped, but a student must leave at least one it can run."""
+    if distillation is None:
+        return {}, None
+    out: dict[str, dict[int, tuple[int, ...]]] = {}
+    for sampler, by_steps in distillation.samplers.items():
+        for steps, setting in by_steps.items():
+            levels = setting.levels
+            ok = (
+                steps.isdigit()
+                and str(len(levels)) == steps
+                and levels[:1] == [num_timesteps - 1]
+                and levels[-1] >= 0
+                and all(a > b for a, b in zip(levels, levels[1:], strict=False))
+            )
+            if not ok:
+                raise ValueError(
+                    f"distillation.samplers[{sampler!r}][{steps!r}].levels must list {steps} levels, strictly "
+                    f"decreasing from {num_timesteps - 1} to >= 0, got {levels!r}"
+                )
+            if sampler in SAMPLERS:
+                out.setdefault(sampler, {})[int(steps)] = tuple(levels)
+    if not out:
+        raise ValueError(
+            f"distillation declares only samplers this service lacks ({', '.join(distillation.samplers)}); "
+            f"it has {', '.join(SAMPLERS)}"
+        )
+    if distillation.default is None:
+        sampler = next(iter(out))
+        return out, (sampler, min(out[sampler]))
+    default = (distillation.default.sampler, distillation.default.steps)
+    if default[1] not in out.get(default[0], {}):
+        raise ValueError(f"distillation.default {default[0]}@{default[1]} is not one of the declared settings")
+    return out, default
+
+
 def _check_forward(path: Path, net, num_timesteps: int, device: torch.device) -> None:
     x = torch.zeros(3, 2, device=device)
     t = torch.tensor([0, num_timesteps // 2, num_timesteps - 1], dtype=torch.int64, device=device)
@@ -197,7 +239,7 @@ def save_checkpoint(net: nn.Module, alphas_cumprod: torch.Tensor, metadata: dict
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = Checkpoint(net.to("cpu").eval(), alphas_cumprod.cpu())
-    extra = {METADATA_FILE: json.dumps({"format_version": FORMAT_VERSION, **metadata}, indent=2)}
+    extra = {METADATA_FILE: json.dumps({"format_version": format_version_for(metadata), **metadata}, indent=2)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -1,4 +1,4 @@
-"""The declared schema of a checkpoint's metadata.json (format_version 1; the contract in checkpoints/README.md).
+"""The declared schema of a checkpoint's metadata.json (format_versions 1 and 2; the contract in checkpoints/README.md).
 
 Every type problem is found here, at load, and reported in one line (`describe_error`); nothing downstream has to
 re-check a type. Objects allow extra fields: newer trainers may add some (the contract says so). What depends on
@@ -9,11 +9,24 @@ import json
 import math
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from diffusion.denoiser import PREDICTION_TYPES
 
-SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+# Optional top-level objects that need format_version 2. A file using none of them is written as version 1, so files
+# (and the committed default's bytes) that need nothing new stay readable by version-1 readers; a version-1 file
+# carrying one is refused (an old writer cannot have meant it).
+V2_OBJECTS: tuple[str, ...] = ("distillation",)
 # Deeper nesting anywhere is refused before validation (a JSON bomb of nested arrays stays one line).
 MAX_DEPTH = 64
 
@@ -51,6 +64,29 @@ class Quality(_Open):
     samplers: dict[str, SamplerQuality] = {}
 
 
+class DistilledSetting(_Open):
+    # The levels the student was trained to visit, noisiest first; checked against T and the key by the loader.
+    levels: list[StrictInt]
+    sliced_w2: Finite | None = None
+    precision: Finite | None = None
+    recall: Finite | None = None
+
+
+class DistilledDefault(_Open):
+    sampler: str
+    steps: StrictInt
+
+
+class Distillation(_Open):
+    """A student distilled from a teacher checkpoint (format_version 2): it is only good at what it was made for."""
+
+    teacher: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # sha256 of the teacher's file
+    method: Annotated[str, Field(min_length=1)]
+    # {sampler: {steps: {levels, measured quality}}}: the only settings the model serves.
+    samplers: Annotated[dict[str, dict[str, DistilledSetting]], Field(min_length=1)]
+    default: DistilledDefault | None = None  # what a request naming no sampler/steps gets
+
+
 class CheckpointMetadata(_Open):
     format_version: StrictInt
     num_timesteps: Annotated[StrictInt, Field(ge=2, le=100_000)]
@@ -64,6 +100,7 @@ class CheckpointMetadata(_Open):
     tuned_timesteps: dict[str, dict[str, list[StrictInt]]] = {}
     timestep_search: dict[str, Any] = {}
     quality: Quality = Field(default_factory=Quality)
+    distillation: Distillation | None = None  # format_version 2
 
     @field_validator("format_version")
     @classmethod
@@ -72,12 +109,26 @@ class CheckpointMetadata(_Open):
             raise ValueError(f"format_version {v} unsupported (this service reads {SUPPORTED_FORMAT_VERSIONS})")
         return v
 
+    @model_validator(mode="after")
+    def _v2_objects_need_v2(self):
+        used = [k for k in V2_OBJECTS if k in self.model_fields_set]
+        if used and self.format_version < 2:
+            raise ValueError(
+                f"format_version {self.format_version} cannot carry {', '.join(used)} (needs format_version 2)"
+            )
+        return self
+
     @field_validator("prediction_type")
     @classmethod
     def _known_prediction(cls, v: str) -> str:
         if v not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {v!r} not one of {PREDICTION_TYPES}")
         return v
+
+
+def format_version_for(metadata: dict) -> int:
+    """What a writer declares: 2 when the file uses a version-2 object, else 1."""
+    return 2 if any(k in metadata for k in V2_OBJECTS) else 1
 
 
 def depth(value: Any, limit: int = MAX_DEPTH) -> int:

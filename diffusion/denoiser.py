@@ -33,6 +33,9 @@ class Denoiser:
     device: torch.device = torch.device("cpu")  # where the net's weights live; samplers draw noise there
     # sampler -> steps -> levels chosen for this network (checkpoint metadata "tuned_timesteps"; may be empty)
     tuned_timesteps: dict[str, dict[int, tuple[int, ...]]] = field(default_factory=dict, hash=False, compare=False)
+    # A distilled student (metadata "distillation"): the only sampler -> steps -> levels it serves; empty = any.
+    distilled: dict[str, dict[int, tuple[int, ...]]] = field(default_factory=dict, hash=False, compare=False)
+    default_choice: tuple[str, int] | None = None  # (sampler, steps) for a request naming neither; distilled only
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:

@@ -128,6 +128,21 @@ def sample_dpmpp_2m(denoiser, x, ts, noise, callback=None):
     return x
 
 
+@torch.inference_mode()
+def sample_consistency(denoiser, x, ts, noise, callback=None):
+    """Song et al. 2023, Algorithm 1: multistep consistency sampling, for consistency-distilled models."""
+    levels = step_levels(denoiser, ts)
+    for i, (t, _ab_t, ab_next) in enumerate(levels):
+        _, x0 = denoiser.predict(x, t)  # 3./7. x <- f_theta(x_tau, tau): the model's clean point
+        x = x0
+        if i + 1 < len(levels):
+            # 6. x_tau = x + sqrt(tau^2 - eps^2) z, in variance-preserving form: noised afresh to the next level.
+            x = math.sqrt(ab_next) * x0 + math.sqrt(1 - ab_next) * noise(x0)
+        if callback is not None:
+            callback(Step(i, t, x, x0))
+    return x
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
     name: str
@@ -175,8 +190,17 @@ SAMPLERS: dict[str, SamplerSpec] = {
             10,
             stochastic=False,
         ),
+        SamplerSpec(
+            "consistency",
+            sample_consistency,
+            "Consistency multistep: x0 from the model, noised afresh to the next level (for consistency-distilled "
+            "models)",
+            "Song et al. 2023, Algorithm 1",
+            2,
+        ),
     ]
 }
+DEFAULT_SAMPLER = "ddpm"  # a request naming no sampler, on a model that is not distilled
 
 
 class SamplerError(ValueError):
@@ -187,26 +211,62 @@ class SamplerError(ValueError):
         self.param = param
 
 
-def get_sampler(name: str) -> SamplerSpec:
+def supported_text(denoiser: Denoiser) -> str:
+    """What a distilled model serves, for error messages: 'consistency at steps 1, 2, 4'."""
+    return "; ".join(f"{name} at steps {', '.join(map(str, sorted(by)))}" for name, by in denoiser.distilled.items())
+
+
+def get_sampler(name: str | None, denoiser: Denoiser | None = None) -> SamplerSpec:
+    """The named sampler; None: the model's default (a distilled model's own, else DEFAULT_SAMPLER). With a
+    denoiser, a distilled model refuses samplers it was not made for."""
+    if name is None:
+        name = denoiser.default_choice[0] if denoiser is not None and denoiser.default_choice else DEFAULT_SAMPLER
     if name not in SAMPLERS:
         raise SamplerError("sampler", f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
+    if denoiser is not None and denoiser.distilled and name not in denoiser.distilled:
+        raise SamplerError(
+            "sampler", f"this model is distilled and serves only {supported_text(denoiser)}; not sampler {name!r}"
+        )
     return SAMPLERS[name]
 
 
-def resolve_steps(spec: SamplerSpec, steps: int | None, num_timesteps: int) -> int:
+def resolve_steps(spec: SamplerSpec, steps: int | None, num_timesteps: int, denoiser: Denoiser | None = None) -> int:
+    """Steps asked for, or the default: the sampler's own, or for a distilled model (given `denoiser`) its default
+    setting (or the fewest steps it serves with this sampler); a distilled model refuses other step counts."""
+    made = denoiser.distilled.get(spec.name) if denoiser is not None and denoiser.distilled else None
+    if made is None:
+        if steps is None:
+            return spec.steps_default(num_timesteps)
+        if not 1 <= steps <= num_timesteps:
+            raise SamplerError("steps", f"steps must be in 1..{num_timesteps} for this model, got {steps}")
+        return steps
     if steps is None:
-        return spec.steps_default(num_timesteps)
-    if not 1 <= steps <= num_timesteps:
-        raise SamplerError("steps", f"steps must be in 1..{num_timesteps} for this model, got {steps}")
+        default = denoiser.default_choice
+        return default[1] if default is not None and default[0] == spec.name else min(made)
+    if steps not in made:
+        raise SamplerError(
+            "steps", f"this model is distilled and serves only {supported_text(denoiser)}; not {steps} steps"
+        )
     return steps
 
 
-SPACINGS = ("trailing", "tuned")
+SPACINGS = ("trailing", "tuned", "distilled")
 
 
 def resolve_timesteps(spec: SamplerSpec, denoiser: Denoiser, steps: int, spacing: str | None) -> tuple[list[int], str]:
-    """The levels to evaluate and the spacing that chose them. Default: the checkpoint's schedule tuned for this
-    sampler and number of steps when it has one (see training/timestep_search.py), else trailing spacing."""
+    """The levels to evaluate and the spacing that chose them. A distilled model: the levels it was made for
+    ("distilled"), nothing else. Otherwise by default the checkpoint's schedule tuned for this sampler and number of
+    steps when it has one (see training/timestep_search.py), else trailing spacing."""
+    if denoiser.distilled:
+        get_sampler(spec.name, denoiser)
+        resolve_steps(spec, steps, denoiser.num_timesteps, denoiser)
+        if spacing not in (None, "distilled"):
+            raise SamplerError(
+                "spacing", f"spacing={spacing}: this model is distilled and visits only its own levels (distilled)"
+            )
+        return list(denoiser.distilled[spec.name][steps]), "distilled"
+    if spacing == "distilled":
+        raise SamplerError("spacing", "spacing=distilled: this model is not distilled; use trailing or tuned")
     tuned = denoiser.tuned_timesteps.get(spec.name, {})
     if spacing is None:
         spacing = "tuned" if steps in tuned else "trailing"
@@ -242,7 +302,7 @@ def resolve_params(spec: SamplerSpec, params: dict[str, float | None]) -> dict[s
 
 def sample(
     denoiser: Denoiser,
-    name: str,
+    name: str | None,
     n: int,
     generator,
     steps: int | None = None,
@@ -250,9 +310,10 @@ def sample(
     spacing: str | None = None,
     **params,
 ) -> torch.Tensor:
-    """Validate, draw x_T from the generator, run the named sampler: the one-call form for offline use."""
-    spec = get_sampler(name)
-    steps = resolve_steps(spec, steps, denoiser.num_timesteps)
+    """Validate, draw x_T from the generator, run the named sampler (None: the model's default): the one-call form
+    for offline use."""
+    spec = get_sampler(name, denoiser)
+    steps = resolve_steps(spec, steps, denoiser.num_timesteps, denoiser)
     ts, _ = resolve_timesteps(spec, denoiser, steps, spacing)
     params = resolve_params(spec, params)
     noise = from_generator(generator)

@@ -68,7 +68,19 @@ def _dpmpp_2m(ab_s, ab_t, last, pred, state, _params):
     return ratio + e * (1 + m) * p0x, e * (1 + m) * p0o, 0.0, -e * m
 
 
-_STEP_RULES: dict[str, Callable] = {"ddpm": _ddpm, "ddpm_x0": _ddpm_x0, "ddim": _ddim, "dpmpp_2m": _dpmpp_2m}
+def _consistency(_ab_t, ab_next, _last, pred, _state, _params):
+    _, _, p0x, p0o = pred
+    a = math.sqrt(ab_next)  # x' = sqrt(ab_next) x0 + sqrt(1 - ab_next) z; the last step lands on ab = 1: x' = x0
+    return a * p0x, a * p0o, math.sqrt(1 - ab_next), 0.0
+
+
+_STEP_RULES: dict[str, Callable] = {
+    "ddpm": _ddpm,
+    "ddpm_x0": _ddpm_x0,
+    "ddim": _ddim,
+    "dpmpp_2m": _dpmpp_2m,
+    "consistency": _consistency,
+}
 
 
 def supports(sampler: str) -> bool:

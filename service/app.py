@@ -83,7 +83,8 @@ def _warm_up(model: LoadedModel, blocks: BlockPool | None) -> float:
     compiles and captures) are paid before ready. Returns the time of one more small (default) run: admission
     control's first estimate of a job's time."""
     n = blocks.min_block_rows * blocks.threads if blocks is not None else 64  # reaches every block thread
-    for name in SAMPLERS:
+    # A distilled model serves only its own samplers (at their default steps); any other model every sampler.
+    for name in model.denoiser.distilled or SAMPLERS:
         p = plan(model, SampleParams(n=n, sampler=name, seed=0))
         run_plan(model, p, Job(float("inf"), threading.Event(), blocks), record=True)
         if model.fast_path is not None:  # the fused kernel's tile sizes (triton_chain.block_rows), or common graphs

@@ -12,17 +12,38 @@ from diffusion.samplers import SAMPLERS
 from service.model_repository import LoadFailure, ModelRepository, ServedModel
 
 
+def _steps(model: LoadedModel, spec) -> dict:
+    """The steps a sampler takes on this model: 1..T, or for a distilled model only those it was made for."""
+    T, d = model.denoiser.num_timesteps, model.denoiser
+    if not d.distilled:
+        return {"min": 1, "max": T, "default": spec.steps_default(T)}
+    made = sorted(d.distilled[spec.name])
+    default = d.default_choice[1] if d.default_choice and d.default_choice[0] == spec.name else made[0]
+    return {"min": made[0], "max": made[-1], "default": default, "allowed": made}
+
+
+def _served_samplers(model: LoadedModel) -> list:
+    return (
+        [SAMPLERS[name] for name in model.denoiser.distilled] if model.denoiser.distilled else list(SAMPLERS.values())
+    )
+
+
+def _distilled_quality(model: LoadedModel) -> dict:
+    """A distilled model's measured quality per sampler: {sampler: {steps: {levels, sliced_w2, ...}}}."""
+    return model.metadata.get("distillation", {}).get("samplers", {}) if model.denoiser.distilled else {}
+
+
 def samplers_of(model: LoadedModel) -> list[dict]:
-    """Every sampler with the steps, tuned schedules, parameters and measured quality it has on this model."""
-    T = model.denoiser.num_timesteps
-    quality = model.metadata.get("quality", {}).get("samplers", {})
-    tuned = model.denoiser.tuned_timesteps
+    """Every sampler this model serves with its steps, tuned (or distilled) schedules, parameters and measured
+    quality. A distilled model lists only what it was made for."""
+    quality = model.metadata.get("quality", {}).get("samplers", {}) | _distilled_quality(model)
+    tuned = model.denoiser.distilled or model.denoiser.tuned_timesteps
     return [
         {
             "name": s.name,
             "description": s.description,
             "paper": s.paper,
-            "steps": {"min": 1, "max": T, "default": s.steps_default(T)},
+            "steps": _steps(model, s),
             # steps -> levels: used by default at these step counts (spacing=tuned), trailing spacing elsewhere
             "tuned_timesteps": {str(k): list(v) for k, v in sorted(tuned.get(s.name, {}).items())},
             "params": {
@@ -32,7 +53,7 @@ def samplers_of(model: LoadedModel) -> list[dict]:
             "stochastic": s.stochastic,
             "quality": quality.get(s.name),
         }
-        for s in SAMPLERS.values()
+        for s in _served_samplers(model)
     ]
 
 
@@ -69,16 +90,38 @@ def summary(served: ServedModel, default: bool) -> dict:
         "schedule": meta.get("schedule"),
         "samplers": {
             s.name: {
-                "steps": {"min": 1, "max": model.denoiser.num_timesteps},
+                "steps": {k: v for k, v in _steps(model, s).items() if k != "default"},
                 "tuned_steps": sorted(model.denoiser.tuned_timesteps.get(s.name, {})),
+                **({"distilled_timesteps": _distilled_levels(model, s.name)} if model.denoiser.distilled else {}),
             }
-            for s in SAMPLERS.values()
+            for s in _served_samplers(model)
         },
+        "distillation": _distillation_summary(model),
         "quality": {
             "metric": quality.get("metric"),
             "floor": quality.get("floor"),
             "samplers": quality.get("samplers", {}),
         },
+    }
+
+
+def _distilled_levels(model: LoadedModel, sampler: str) -> dict:
+    return {str(k): list(v) for k, v in sorted(model.denoiser.distilled[sampler].items())}
+
+
+def _distillation_summary(model: LoadedModel) -> dict | None:
+    """None for an ordinary model; a student's teacher, method, default setting and measured quality per setting."""
+    d = model.metadata.get("distillation")
+    if not model.denoiser.distilled or d is None:
+        return None
+    sampler, steps = model.denoiser.default_choice
+    return {
+        "teacher": d["teacher"],
+        "teacher_file": d.get("teacher_file"),
+        "method": d["method"],
+        "default": {"sampler": sampler, "steps": steps},
+        "samplers": _distilled_quality(model),
+        "evaluation": d.get("evaluation"),
     }
 
 

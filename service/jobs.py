@@ -77,9 +77,11 @@ class Result:
 
 
 def plan(model: LoadedModel, params: SamplerChoice) -> Plan:
-    """Raises SamplerError (-> 422) for steps beyond this model's T or parameters the sampler lacks."""
-    spec = get_sampler(params.sampler.value)
-    steps = resolve_steps(spec, params.steps, model.denoiser.num_timesteps)
+    """Raises SamplerError (-> 422) for steps beyond this model's T, parameters the sampler lacks, or a sampler,
+    steps or spacing a distilled model was not made for."""
+    # No sampler: ddpm, or what a distilled model was made for; a distilled model refuses anything else (422).
+    spec = get_sampler(params.sampler.value if params.sampler is not None else None, model.denoiser)
+    steps = resolve_steps(spec, params.steps, model.denoiser.num_timesteps, model.denoiser)
     ts, spacing = resolve_timesteps(spec, model.denoiser, steps, params.spacing)
     extra = resolve_params(spec, {"eta": params.eta})
     seed = params.seed if params.seed is not None else secrets.randbits(63)

@@ -58,21 +58,25 @@ class ModelChoice(BaseModel):
 
 
 class SamplerChoice(ModelChoice):
-    sampler: SamplerName = Field(
-        SamplerName.ddpm, description="sampling algorithm (see /samplers)", examples=["ddpm", "dpmpp_2m"]
+    sampler: SamplerName | None = Field(
+        None,
+        description="sampling algorithm (see /samplers); omitted: ddpm, or a distilled model's own (see /models)",
+        examples=["ddpm", "dpmpp_2m"],
     )
     steps: int | None = Field(
         None,
         ge=1,
         le=STEPS_MAX,
         examples=[40, 10],
-        description="denoising steps, 1..T of the model (default: the sampler's default)",
+        description="denoising steps, 1..T of the model (default: the sampler's default); a distilled model serves "
+        "only the step counts it was made for (see /models)",
     )
     spacing: Spacing | None = Field(
         None,
         examples=["tuned", "trailing"],
         description="which levels the steps visit: trailing (evenly spaced from T-1) or tuned (chosen for this model "
-        "and sampler, see /samplers); default: tuned where the model has a schedule for these steps",
+        "and sampler, see /samplers) or distilled (the levels a distilled model was made for, its only spacing); "
+        "default: distilled for a distilled model, else tuned where the model has a schedule for these steps",
     )
     seed: int | None = Field(
         None, ge=0, le=SEED_MAX, examples=[0], description="random seed; omitted: one is drawn and returned"

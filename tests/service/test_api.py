@@ -63,7 +63,7 @@ def test_json_points_round_trip_float32_exactly(client):
         ("n=0", "n", "1..100000"),
         ("n=1000000000", "n", "1..100000"),
         ("n=abc", "n", "1..100000"),
-        ("sampler=euler", "sampler", "'ddpm', 'ddpm_x0', 'ddim' or 'dpmpp_2m'"),
+        ("sampler=euler", "sampler", "'ddpm', 'ddpm_x0', 'ddim', 'dpmpp_2m' or 'consistency'"),
         ("steps=0", "steps", "1..1000"),
         (f"steps={TINY_T + 1}", "steps", f"steps must be in 1..{TINY_T}"),
         ("sampler=ddpm&eta=0.5", "eta", "eta is not a parameter of sampler 'ddpm'"),
@@ -112,7 +112,7 @@ def test_tuned_timesteps_are_the_default_where_the_model_has_them(client):
     [
         ("sampler=dpmpp_2m&steps=5&spacing=tuned", "tuned timesteps for sampler 'dpmpp_2m' at steps 4, not at 5"),
         ("sampler=ddim&steps=4&spacing=tuned", "no tuned timesteps for sampler 'ddim'"),
-        ("spacing=even", "'trailing' or 'tuned'"),
+        ("spacing=even", "'trailing', 'tuned' or 'distilled'"),
     ],
 )
 def test_unavailable_spacing_is_422_naming_what_exists(client, query, message):

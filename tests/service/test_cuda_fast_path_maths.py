@@ -26,6 +26,8 @@ CASES = [
     ("dpmpp_2m", 10, {}),
     ("dpmpp_2m", 2, {}),
     ("dpmpp_2m", 1, {}),
+    ("consistency", 4, {}),
+    ("consistency", 1, {}),
 ]
 
 

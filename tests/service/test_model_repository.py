@@ -119,7 +119,7 @@ def test_one_model_in_full_and_the_default_as_before(client, models_dir):
     b = client.get("/models/b").json()
     assert b["name"] == "b" and b["id"] == sha(models_dir / "b.pt") and b["default"] is False
     assert b["metadata"]["model"]["preset"] == "tiny-test"
-    assert {s["name"] for s in b["sampler_details"]} == {"ddpm", "ddpm_x0", "ddim", "dpmpp_2m"}
+    assert {s["name"] for s in b["sampler_details"]} == {"ddpm", "ddpm_x0", "ddim", "dpmpp_2m", "consistency"}
     assert "threads" in b and "cuda_fast_path" in b
     r = client.get("/models/nope")
     assert r.status_code == 404 and "served models: a, b" in r.json()["detail"]

@@ -1,0 +1,289 @@
+"""python -m training.distill: few-step students of a teacher checkpoint, compared, the best one exported.
+
+    python -m training.distill --teacher checkpoints/swissroll.pt --out checkpoints/swissroll-fast.pt   # make distill
+
+Both methods of training/distillation.py start from a copy of the teacher (training/student.py) and train on the
+teacher's own data recipe (its metadata): progressive distillation (rounds 8 -> 4 -> 2 -> 1 steps; the 4-, 2- and
+1-step students are different networks) and consistency distillation (one network for any number of steps, with the
+consistency multistep sampler; its levels for 2 and 4 steps are then chosen greedily, as Song et al. 2023 do). Each
+student is measured (sliced W2 against fresh real data, k-NN precision and recall) next to the teacher's default;
+the method with the lower mean sliced W2 over the step counts both serve is exported, with its settings and their
+quality in the checkpoint's `distillation` object (checkpoints/README.md).
+"""
+
+import argparse
+import copy
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusion.checkpoint import load_model
+from diffusion.cpus import threads_from_env
+from diffusion.denoiser import Denoiser
+from diffusion.samplers import sample
+from training.data import load_swiss_roll
+from training.distances import precision_recall, sliced_w2
+from training.distillation import (
+    Budget,
+    Levels,
+    consistency_distillation,
+    progressive_distillation,
+    x0_predictor,
+)
+from training.evaluate import fresh_real
+from training.export import export_checkpoint
+from training.student import FoldedStudent
+from training.timestep_search import TUNING_SEED
+
+METHODS = ("progressive", "consistency")
+STEPS = (1, 2, 4)  # what each method is measured at, and what a consistency student declares
+EVAL_SEED = 12_345  # quality_summary's reference seed: the metadata's quality figures are comparable
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "checkpoints/swissroll.pt"
+    out: str = "checkpoints/swissroll-fast.pt"
+    methods: str = ",".join(METHODS)
+    first_steps: int = 8  # progressive distillation's first round: the teacher's T levels in this many steps
+    first_round_iterations: int = 1000  # progressive round 0: T levels -> first_steps (k second-order steps each)
+    round_iterations: int = 1000  # each later progressive round (8 -> 4 -> 2 -> 1: two DDIM steps each)
+    consistency_iterations: int = 4000
+    batch_size: int = 2048
+    lr: float = 3e-4
+    target_ema: float = 0.95
+    seed: int = 0
+    eval_points: int = 20_000
+    students_dir: str = ""  # also write every student (one file per progressive step count) here
+    progress: bool = True
+    notes: dict = field(default_factory=dict)
+
+    def method_list(self) -> list[str]:
+        methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        bad = [m for m in methods if m not in METHODS]
+        if bad or not methods:
+            raise ValueError(f"methods must be a comma-separated subset of {', '.join(METHODS)}, got {self.methods!r}")
+        return methods
+
+
+@dataclass
+class Student:
+    method: str
+    sampler: str
+    nets: dict[int, torch.nn.Module]  # steps -> network (one network for all steps, or one per step count)
+    levels: dict[int, list[int]]
+    seconds: float
+    quality: dict[int, dict] = field(default_factory=dict)
+
+
+def denoiser_of(net, alphas_cumprod, sampler: str, levels: dict[int, list[int]]) -> Denoiser:
+    distilled = {sampler: {steps: tuple(ls) for steps, ls in levels.items()}}
+    return Denoiser(net.eval(), tuple(alphas_cumprod), "v", distilled=distilled)
+
+
+def measure(denoiser: Denoiser, sampler: str, steps: int, real: np.ndarray, seed: int) -> dict:
+    points = sample(denoiser, sampler, len(real), torch.Generator().manual_seed(seed), steps).numpy()
+    precision, recall = precision_recall(real, points)
+    w2 = sliced_w2(real, points)
+    return {"sliced_w2": round(w2, 5), "precision": round(precision, 4), "recall": round(recall, 4)}
+
+
+def greedy_levels(denoiser: Denoiser, sampler: str, steps: int, real: np.ndarray, seed: int) -> list[int]:
+    """Levels for a multistep consistency sampler, one at a time (Song et al. 2023, sec. 6: greedy search), each
+    chosen by sliced W2 against real data of the search's own seed."""
+    levels = [denoiser.num_timesteps - 1]
+    for _ in range(steps - 1):
+        best = None
+        for c in range(levels[-1] - 1, -1, -1):
+            trial = [*levels, c]
+            d = Denoiser(denoiser.net, denoiser.alphas_cumprod, "v", distilled={sampler: {len(trial): tuple(trial)}})
+            w2 = measure_w2(d, sampler, len(trial), real, seed)
+            if best is None or w2 < best[0]:
+                best = (w2, c)
+        levels.append(best[1])
+    return levels
+
+
+def measure_w2(denoiser, sampler, steps, real, seed) -> float:
+    points = sample(denoiser, sampler, len(real), torch.Generator().manual_seed(seed), steps).numpy()
+    return sliced_w2(real, points)
+
+
+def distil_progressive(config, net0, teacher_x0, levels, data, generator, log) -> Student:
+    start = time.perf_counter()
+    nets = {}
+
+    def keep(steps, student):
+        log(f"progressive: {steps}-step student done ({time.perf_counter() - start:.0f} s)")
+        if steps in STEPS:
+            nets[steps] = copy.deepcopy(student).requires_grad_(False)
+
+    budget = Budget(config.round_iterations, config.batch_size, config.lr)
+    first = Budget(config.first_round_iterations, config.batch_size, config.lr)
+    progressive_distillation(
+        net0, teacher_x0, levels, config.first_steps, data, budget, generator, keep, first_budget=first
+    )
+    T = levels.num_timesteps
+    grids = {steps: [*range(T - 1, -1, -T // steps)] for steps in nets}
+    return Student("progressive", "ddim", nets, grids, time.perf_counter() - start)
+
+
+def distil_consistency(config, net0, teacher_x0, levels, data, generator, log, search_real) -> Student:
+    start = time.perf_counter()
+    budget = Budget(config.consistency_iterations, config.batch_size, config.lr)
+    losses = consistency_distillation(net0, teacher_x0, levels, data, budget, generator, config.target_ema)
+    net = net0.requires_grad_(False)
+    log(f"consistency: trained ({time.perf_counter() - start:.0f} s, final loss {np.mean(losses[-100:]):.5f})")
+    T = levels.num_timesteps
+    probe = denoiser_of(net, levels.alpha64[:-1].square().tolist(), "consistency", {1: [T - 1]})
+    chosen = {1: [T - 1]}
+    for steps in STEPS[1:]:
+        chosen[steps] = greedy_levels(probe, "consistency", steps, search_real, TUNING_SEED)
+        log(f"consistency: {steps} steps at levels {chosen[steps]}")
+    return Student("consistency", "consistency", {s: net for s in STEPS}, chosen, time.perf_counter() - start)
+
+
+def distil(config: DistillConfig) -> dict:
+    """Train every method, measure, export the best; returns the exported metadata."""
+    methods = config.method_list()
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if config.progress else (lambda m: None)
+    torch.set_num_threads(threads_from_env().threads)
+    teacher = load_model(config.teacher, torch.device("cpu"))
+    meta = teacher.metadata
+    if meta["prediction_type"] != "v" or teacher.denoiser.distilled:
+        raise ValueError(f"{config.teacher}: the teacher must be a v-prediction model that is not itself distilled")
+    d = meta["data"]
+    roll = load_swiss_roll(d["n_samples"], d["noise"], d["seed"], d["n_val"] / d["n_samples"])
+    if not np.allclose(roll.mean, d["mean"]) or not np.allclose(roll.std, d["std"]):
+        raise ValueError(f"{config.teacher}: its data recipe does not reproduce its recorded mean and std")
+    ab = teacher.denoiser.alphas_cumprod
+    levels = Levels(ab)
+    residual = meta.get("model", {}).get("residual", True)
+    # The teacher runs as a Python copy of its weights (the same function, bit for bit): TorchScript's profiling
+    # executor is much slower for the many small calls of a distillation run.
+    teacher_x0 = x0_predictor(
+        FoldedStudent.from_teacher(teacher.denoiser.net, residual).requires_grad_(False), "v", levels
+    )
+    real = fresh_real(config.eval_points, d["noise"], EVAL_SEED, d["mean"], d["std"])
+    search_real = fresh_real(config.eval_points, d["noise"], TUNING_SEED, d["mean"], d["std"])
+
+    reference = measure(teacher.denoiser, "ddpm", len(ab), real, EVAL_SEED)
+    log(f"teacher ddpm@{len(ab)}: {reference}")
+    students = []
+    for method in methods:
+        generator = torch.Generator().manual_seed(config.seed)
+        torch.manual_seed(config.seed)
+        net0 = FoldedStudent.from_teacher(teacher.denoiser.net, residual)
+        if method == "progressive":
+            student = distil_progressive(config, net0, teacher_x0, levels, roll.train, generator, log)
+        else:
+            student = distil_consistency(config, net0, teacher_x0, levels, roll.train, generator, log, search_real)
+        for steps, net in student.nets.items():
+            den = denoiser_of(net, ab, student.sampler, {steps: student.levels[steps]})
+            student.quality[steps] = measure(den, student.sampler, steps, real, EVAL_SEED)
+            log(f"{method} @ {steps}: {student.quality[steps]}")
+        students.append(student)
+
+    best = min(students, key=lambda s: np.mean([s.quality[k]["sliced_w2"] for k in STEPS if k in s.quality]))
+    ab64 = torch.tensor(ab, dtype=torch.float64)
+    metadata = None
+    for student in students:
+        for steps_served in served_sets(student, every=True):
+            if config.students_dir:
+                path = Path(config.students_dir) / f"{student.method}-{'-'.join(map(str, steps_served))}.pt"
+                export_checkpoint(
+                    *student_file(config, teacher, student, steps_served, students, reference, ab64), path
+                )
+    net, _, meta_best = student_file(config, teacher, best, served_sets(best)[0], students, reference, ab64)
+    export_checkpoint(net, ab64, meta_best, config.out)
+    log(f"wrote {config.out}: {best.method}, {meta_best['distillation']['samplers']}")
+    metadata = meta_best
+    return metadata
+
+
+def served_sets(student: Student, every: bool = False) -> list[list[int]]:
+    """Which step counts one file serves. A consistency student serves every step count it was measured at; a
+    progressive one only its own grid (its 1-, 2- and 4-step students are different networks): one file per step
+    count, and for the exported model the 2-step student, the service's headline."""
+    if student.method == "consistency":
+        return [sorted(student.nets)]
+    return [[k] for k in sorted(student.nets)] if every else [[2]]
+
+
+def student_file(config, teacher, student: Student, steps: list[int], students, reference, ab64):
+    settings = {str(k): {"levels": student.levels[k], **student.quality[k]} for k in steps}
+    default = {"sampler": student.sampler, "steps": 2 if 2 in steps else steps[0]}
+    metadata = describe(config, teacher, student, ({student.sampler: settings}, default), students, reference)
+    return student.nets[steps[0]].inference(), ab64, metadata
+
+
+def describe(config, teacher, best: Student, served, students: list[Student], reference: dict) -> dict:
+    """The student's metadata: the teacher's recipe and schedule, plus the `distillation` object (format 2)."""
+    meta = teacher.metadata
+    samplers, default = served
+    return {
+        "num_timesteps": meta["num_timesteps"],
+        "schedule": meta["schedule"],
+        "prediction_type": "v",
+        "model": {**meta.get("model", {}), "preset": f"{meta.get('model', {}).get('preset', 'teacher')}-distilled"},
+        "data": meta["data"],
+        "training": {
+            "config": {k: v for k, v in asdict(config).items() if k != "progress"},
+            "seconds": round(sum(s.seconds for s in students), 1),
+            "device": "cpu",
+            "threads": threads_from_env().describe(),
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+        },
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "distillation": {
+            "teacher": teacher.id,
+            "teacher_file": teacher.path.name,
+            "method": best.method,
+            "samplers": samplers,
+            "default": default,
+            # Measured on the same fresh real points (n, seed) as the teacher's default setting:
+            "evaluation": {"n": config.eval_points, "seed": EVAL_SEED, "teacher_ddpm@40": reference},
+            "comparison": {
+                s.method: {
+                    "sampler": s.sampler,
+                    "seconds": round(s.seconds, 1),
+                    "steps": {str(k): {"levels": s.levels[k], **q} for k, q in s.quality.items()},
+                }
+                for s in students
+            },
+        },
+    }
+
+
+def parse_args(argv=None) -> DistillConfig:
+    parser = argparse.ArgumentParser(prog="python -m training.distill", description=__doc__.split("\n\n")[0])
+    defaults = DistillConfig()
+    for f in fields(DistillConfig):
+        if f.name in ("progress", "notes"):
+            continue
+        default = getattr(defaults, f.name)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    options = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    config = DistillConfig(**options, progress=not args.no_progress)
+    try:
+        config.method_list()
+    except ValueError as e:
+        parser.error(str(e))
+    return config
+
+
+def main(argv=None) -> None:
+    distil(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
