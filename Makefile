@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 CHECKPOINT ?= checkpoints/swissroll.pt
 
-.PHONY: serve test train lint bench-quality bench-speed bench-load clean
+.PHONY: serve test train train-cond lint bench-quality bench-conditional bench-speed bench-load clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ lint: $(VENV)/.dev
 
 train: $(VENV)/.dev
 	$(PY) -m training --preset default --epochs 300 --ema-decay 0.995 --seed 0 --out $(CHECKPOINT)
+
+# The conditional model (issue 15): position along the roll as input, 10% condition dropout, served as swissroll-cond.
+train-cond: $(VENV)/.dev
+	$(PY) -m training --preset cond --epochs 300 --ema-decay 0.995 --condition-dropout 0.1 --seed 0 --no-evaluate \
+		--out checkpoints/swissroll-cond.pt
+
+bench-conditional: $(VENV)/.dev
+	$(PY) -m bench.conditional
 
 bench-quality: $(VENV)/.dev
 	$(PY) -m bench.quality

@@ -1,4 +1,4 @@
-"""The declared schema of a checkpoint's metadata.json (format_version 1; the contract in checkpoints/README.md).
+"""The declared schema of a checkpoint's metadata.json (format_versions 1 and 2; the contract in checkpoints/README.md).
 
 Every type problem is found here, at load, and reported in one line (`describe_error`); nothing downstream has to
 re-check a type. Objects allow extra fields: newer trainers may add some (the contract says so). What depends on
@@ -9,11 +9,24 @@ import json
 import math
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from diffusion.denoiser import PREDICTION_TYPES
 
-SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+# Optional top-level objects that format_version 2 added. A file using none of them is written as version 1 (so
+# older readers keep loading it); a version-1 file carrying one is refused: a version-1 reader would ignore the
+# object and serve the network wrongly.
+V2_OBJECTS = ("condition",)
 # Deeper nesting anywhere is refused before validation (a JSON bomb of nested arrays stays one line).
 MAX_DEPTH = 64
 
@@ -51,6 +64,27 @@ class Quality(_Open):
     samplers: dict[str, SamplerQuality] = {}
 
 
+class ConditionInfo(_Open):
+    """format_version 2: the network is forward(x, t, c) with c a float32 [B] per-row condition."""
+
+    name: str  # what the condition is, e.g. "position"
+    range: tuple[Finite, Finite]  # [low, high] of a meaningful c
+    normalization: str  # how c was derived from the data (human-readable)
+    null_value: Finite  # rows whose c equals this get the learned "no condition" input (unconditional)
+    dropout: Annotated[float, Field(ge=0, lt=1)]  # fraction of training rows given null_value instead of c
+
+    @model_validator(mode="after")
+    def _coherent(self):
+        low, high = self.range
+        if not low < high:
+            raise ValueError(f"condition.range must be [low, high] with low < high, got {list(self.range)}")
+        if low <= self.null_value <= high:
+            raise ValueError(
+                f"condition.null_value {self.null_value} must lie outside condition.range {list(self.range)}"
+            )
+        return self
+
+
 class CheckpointMetadata(_Open):
     format_version: StrictInt
     num_timesteps: Annotated[StrictInt, Field(ge=2, le=100_000)]
@@ -64,6 +98,7 @@ class CheckpointMetadata(_Open):
     tuned_timesteps: dict[str, dict[str, list[StrictInt]]] = {}
     timestep_search: dict[str, Any] = {}
     quality: Quality = Field(default_factory=Quality)
+    condition: ConditionInfo | None = None  # format_version 2
 
     @field_validator("format_version")
     @classmethod
@@ -78,6 +113,20 @@ class CheckpointMetadata(_Open):
         if v not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {v!r} not one of {PREDICTION_TYPES}")
         return v
+
+    @model_validator(mode="after")
+    def _v2_objects_need_v2(self):
+        used = [k for k in V2_OBJECTS if k in self.model_fields_set or k in (self.model_extra or {})]
+        if self.format_version < 2 and used:
+            raise ValueError(
+                f"format_version {self.format_version} file carries {used[0]!r}, which needs format_version 2"
+            )
+        return self
+
+
+def format_version_for(metadata: dict) -> int:
+    """What a writer declares: 1 unless the file uses an object of version 2 (older readers keep loading it)."""
+    return 2 if any(k in metadata for k in V2_OBJECTS) else 1
 
 
 def depth(value: Any, limit: int = MAX_DEPTH) -> int:
