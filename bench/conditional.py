@@ -98,7 +98,8 @@ def conditional_rows(model, estimator, n: int, seeds: list[int], scale: float = 
         rows.append(row)
         print(
             f"  w={scale} position {where}: error {row['error']:.4f} (floor {row['error_floor']:.4f}, "
-            f"{row['error_ratio']:.2f}x), sliced W2 {row['w2']:.4f} (floor {row['w2_floor']:.4f}, {row['w2_ratio']:.2f}x)",
+            f"{row['error_ratio']:.2f}x), sliced W2 {row['w2']:.4f} "
+            f"(floor {row['w2_floor']:.4f}, {row['w2_ratio']:.2f}x)",
             flush=True,
         )
     return rows
@@ -186,8 +187,8 @@ def markdown(r: dict) -> str:
         f"# Conditional generation (`{r['checkpoint']}`, ddpm 40 steps, n = {r['n']:,} per position)",
         "",
         f"Measured {r['date']} on {r['machine']}, torch {r['torch']}; command: `{r['command']}`. "
-        f"Positions estimated from the nearest of {REFERENCE_N:,} real points. Floors: real points drawn at exactly the "
-        "requested position (make_swiss_roll with t fixed), with the same statistic. Mean ± sd over "
+        f"Positions estimated from the nearest of {REFERENCE_N:,} real points. Floors: real points drawn at "
+        "exactly the requested position (make_swiss_roll with t fixed), with the same statistic. Mean ± sd over "
         f"{len(r['seeds'])} seeds (ratios: per seed, then mean ± sd).",
         "",
         "## At guidance w = 1 (the plain conditional model)",
@@ -221,7 +222,8 @@ def markdown(r: dict) -> str:
         "",
         "| model | sliced W2 vs fresh real data |",
         "|---|---:|",
-        f"| swissroll-cond, position omitted | {u['conditional model']['mean']:.4f} ± {u['conditional model']['sd']:.4f} |",
+        f"| swissroll-cond, position omitted | {u['conditional model']['mean']:.4f} ± "
+        f"{u['conditional model']['sd']:.4f} |",
         f"| swissroll (committed default) | {u['default model']['mean']:.4f} ± {u['default model']['sd']:.4f} |",
         f"| real vs real (floor) | {u['floor']['mean']:.4f} ± {u['floor']['sd']:.4f} |",
         "",
