@@ -48,7 +48,7 @@ class FoldedDenoiser(nn.Module):
 class FoldedConditional(nn.Module):
     """Inference form of ConditionalMLP, same function: the time part folded as in FoldedDenoiser, and the null
     input's contribution (a constant) precomputed; the position features of a continuous c cannot be tabled,
-        h0 = x W_x^T + level_bias[t] + (null_bias if c == null_value else features(c) W_c^T)."""
+        h0 = x W_x^T + level_table[t] + (null_term if c == null_value else features(c) W_c^T)."""
 
     def __init__(self, net: ConditionalMLP, num_timesteps: int):
         super().__init__()
@@ -57,10 +57,12 @@ class FoldedConditional(nn.Module):
             time_dim = net.time.freqs.numel() * 2
             w_t, w_c = weight[:, 2 : 2 + time_dim], weight[:, 2 + time_dim :]
             levels = torch.arange(num_timesteps, device=weight.device)
-            self.register_buffer("w_x", weight[:, :2].t().contiguous().clone())  # [2, width]
-            self.register_buffer("level_bias", (net.time(levels) @ w_t.t() + bias).contiguous())
-            self.register_buffer("w_c", w_c.t().contiguous().clone())  # [cond_dim, width]
-            self.register_buffer("null_bias", (net.null @ w_c.t()).unsqueeze(0).contiguous())  # [1, width]
+            # Names of their own, not FoldedDenoiser's: the CUDA fused kernel recognizes an unconditional folded
+            # network by w_x / level_bias and would silently compute this one without its condition term.
+            self.register_buffer("x_weight", weight[:, :2].t().contiguous().clone())  # [2, width]
+            self.register_buffer("level_table", (net.time(levels) @ w_t.t() + bias).contiguous())
+            self.register_buffer("c_weight", w_c.t().contiguous().clone())  # [cond_dim, width]
+            self.register_buffer("null_term", (net.null @ w_c.t()).unsqueeze(0).contiguous())  # [1, width]
         self.position = net.position
         self.null_value = net.null_value
         self.blocks = nn.Sequential(*[InferenceBlock(b) for b in net.blocks])
@@ -68,8 +70,8 @@ class FoldedConditional(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         null = (c == self.null_value).unsqueeze(1)
-        cond = torch.where(null, self.null_bias, self.position(c) @ self.w_c)
-        return self.out(self.blocks(torch.addmm(self.level_bias[t] + cond, x, self.w_x)))
+        cond = torch.where(null, self.null_term, self.position(c) @ self.c_weight)
+        return self.out(self.blocks(torch.addmm(self.level_table[t] + cond, x, self.x_weight)))
 
 
 def export_checkpoint(net: nn.Module, alphas_cumprod: torch.Tensor, metadata: dict, path: str | Path) -> Path:

@@ -219,3 +219,15 @@ def test_a_tiny_conditional_training_run_writes_a_loadable_checkpoint(tmp_path, 
 def test_committed_conditional_checkpoint_loads():
     model = load_model(REPO / "checkpoints" / "swissroll-cond.pt", torch.device("cpu"))
     assert model.metadata["condition"]["name"] == "position" and model.denoiser.conditional
+
+
+def test_the_fused_cuda_kernel_does_not_mistake_it_for_an_unconditional_network(tmp_path):
+    # The kernel recognizes FoldedDenoiser's buffers; a conditional file must fall back to the eager/graph paths,
+    # which call forward(x, t, c), instead of being computed without its condition term.
+    from service.triton_chain import FoldedWeights
+
+    model = load_model(write(tmp_path / "c.pt"), torch.device("cpu"))
+    assert FoldedWeights.from_module(model.denoiser.net) is None
+    assert FoldedWeights.from_module(
+        load_model(write_tiny_checkpoint(tmp_path / "u.pt"), torch.device("cpu")).denoiser.net
+    )
