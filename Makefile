@@ -32,9 +32,9 @@ lint: $(VENV)/.dev
 train: $(VENV)/.dev
 	$(PY) -m training --preset default --epochs 300 --ema-decay 0.995 --seed 0 --out $(CHECKPOINT)
 
-# The conditional model (issue 15): position along the roll as input, 10% condition dropout, served as swissroll-cond.
+# The conditional model (issue 15): position along the roll as input, 30% condition dropout, served as swissroll-cond.
 train-cond: $(VENV)/.dev
-	$(PY) -m training --preset cond --epochs 300 --ema-decay 0.995 --condition-dropout 0.1 --seed 0 --no-evaluate \
+	$(PY) -m training --preset cond --epochs 300 --ema-decay 0.995 --condition-dropout 0.3 --seed 0 --no-evaluate \
 		--out checkpoints/swissroll-cond.pt
 
 bench-conditional: $(VENV)/.dev

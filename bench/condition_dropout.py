@@ -5,6 +5,7 @@ several rates, each judged on the conditional task (w = 1, the 5 positions) and 
 """
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -16,6 +17,7 @@ import torch
 from bench.conditional import PositionEstimator, conditional_rows, unconditional
 from diffusion.checkpoint import load_model
 from diffusion.cpus import threads_from_env
+from training.model import PRESETS
 from training.train import TrainConfig, train
 
 RESULTS = Path(__file__).parent / "results"
@@ -27,7 +29,10 @@ def main() -> None:
     parser.add_argument("--rates", default="0.05,0.1,0.2")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--width", type=int, default=PRESETS["cond"].width)
     args = parser.parse_args()
+    preset = f"cond-width{args.width}"
+    PRESETS[preset] = dataclasses.replace(PRESETS["cond"], width=args.width)
     default = load_model("checkpoints/swissroll.pt", torch.device("cpu"))
     seeds = list(range(args.seeds))
     rows = []
@@ -35,7 +40,7 @@ def main() -> None:
         for rate in [float(r) for r in args.rates.split(",")]:
             out = Path(tmp) / f"cond-{rate}.pt"
             config = TrainConfig(
-                preset="cond",
+                preset=preset,
                 epochs=args.epochs,
                 ema_decay=0.995,
                 condition_dropout=rate,
@@ -61,10 +66,11 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
     lines = [
-        f"# Condition dropout: {args.epochs}-epoch trainings (`cond` preset, EMA 0.995), seeds {seeds}",
+        f"# Condition dropout: {args.epochs}-epoch trainings (`cond` preset at width {args.width}, EMA 0.995), "
+        f"seeds {seeds}",
         "",
         f"Measured {time.strftime('%Y-%m-%d')}; command: `python -m bench.condition_dropout --rates {args.rates} "
-        f"--epochs {args.epochs} --seeds {args.seeds}`. Conditional columns: ddpm@40 at w = 1, n = 10,000 per "
+        f"--epochs {args.epochs} --seeds {args.seeds} --width {args.width}`. Conditional columns: ddpm@40 at w = 1, n = 10,000 per "
         "position, mean over the 5 positions of the per-seed ratio to the real-data floor (bench/conditional.py). "
         "Unconditional: sliced W2 at n = 20,000, position omitted, over the committed default's.",
         "",

@@ -34,8 +34,12 @@ PRESETS: dict[str, NetConfig] = {
     # The committed default (`make train`: 300 epochs, EMA 0.995): same width and depth, residual
     # blocks, sinusoidal time features and v-prediction; chosen by bench/quality.py.
     "default": NetConfig(residual=True, time_embedding="sinusoidal", prediction_type="v"),
-    # The conditional model (`make train-cond`, issue 15): the default plus position features.
-    "cond": NetConfig(residual=True, time_embedding="sinusoidal", prediction_type="v", condition_features=16),
+    # The conditional model (`make train-cond`, issue 15): the default twice as wide (one network learns the
+    # conditional and the unconditional task; width 64 left the unconditional one 3.4x the default), plus
+    # position features.
+    "cond": NetConfig(
+        width=128, residual=True, time_embedding="sinusoidal", prediction_type="v", condition_features=16
+    ),
 }
 TIME_EMBEDDINGS = ("raw", "sinusoidal")
 

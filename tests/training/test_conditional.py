@@ -1,5 +1,6 @@
 """The conditional network and its checkpoint contract (format_version 2, `condition`): export, loading, refusals."""
 
+import dataclasses
 import json
 import zipfile
 from pathlib import Path
@@ -225,9 +226,13 @@ def test_the_fused_cuda_kernel_does_not_mistake_it_for_an_unconditional_network(
     # The kernel recognizes FoldedDenoiser's buffers; a conditional file must fall back to the eager/graph paths,
     # which call forward(x, t, c), instead of being computed without its condition term.
     from service.triton_chain import FoldedWeights
+    from training.model import DenoiserMLP
 
-    model = load_model(write(tmp_path / "c.pt"), torch.device("cpu"))
-    assert FoldedWeights.from_module(model.denoiser.net) is None
-    assert FoldedWeights.from_module(
-        load_model(write_tiny_checkpoint(tmp_path / "u.pt"), torch.device("cpu")).denoiser.net
+    wide = dataclasses.replace(CONFIG, width=16)  # the kernel's smallest width
+    ab = make_alphas_cumprod("cosine", T)
+    cond = export_checkpoint(ConditionalMLP(wide, T, 4, NULL_POSITION), ab, metadata(), tmp_path / "c.pt")
+    plain = export_checkpoint(
+        DenoiserMLP(wide, T), ab, {k: v for k, v in metadata().items() if k != "condition"}, tmp_path / "u.pt"
     )
+    assert FoldedWeights.from_module(load_model(cond, torch.device("cpu")).denoiser.net) is None
+    assert FoldedWeights.from_module(load_model(plain, torch.device("cpu")).denoiser.net) is not None  # control
