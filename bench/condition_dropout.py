@@ -70,9 +70,9 @@ def main() -> None:
         f"seeds {seeds}",
         "",
         f"Measured {time.strftime('%Y-%m-%d')}; command: `python -m bench.condition_dropout --rates {args.rates} "
-        f"--epochs {args.epochs} --seeds {args.seeds} --width {args.width}`. Conditional columns: ddpm@40 at w = 1, n = 10,000 per "
-        "position, mean over the 5 positions of the per-seed ratio to the real-data floor (bench/conditional.py). "
-        "Unconditional: sliced W2 at n = 20,000, position omitted, over the committed default's.",
+        f"--epochs {args.epochs} --seeds {args.seeds} --width {args.width}`. Conditional columns: ddpm@40 at w = 1, "
+        "n = 10,000 per position, mean over the 5 positions of the per-seed ratio to the real-data floor "
+        "(bench/conditional.py). Unconditional: sliced W2 at n = 20,000, position omitted, over the default's.",
         "",
         "| dropout | position error × floor | conditional sliced W2 × floor | unconditional × default |",
         "|---:|---:|---:|---:|",
