@@ -36,13 +36,15 @@ RUN if [ -n "$EXTRAS" ]; then \
         && pip install -r /tmp/extras.txt && rm /tmp/extras.txt; \
     fi
 
-# 2. The code (dependencies are already there) and the committed checkpoint, readable by the app user.
+# 2. The code (dependencies are already there) and the committed models (every checkpoints/*.pt; the service serves
+# each under its file stem), readable by the app user. A mounted directory over /app/checkpoints replaces them.
 COPY README.md /tmp/src/README.md
+COPY diffusion /tmp/src/diffusion
 COPY service /tmp/src/service
 COPY training /tmp/src/training
 RUN pip install --no-deps /tmp/src && rm -rf /tmp/src
-COPY checkpoints/swissroll.pt /app/checkpoints/swissroll.pt
-RUN chmod 0755 /app/checkpoints && chmod 0444 /app/checkpoints/swissroll.pt
+COPY checkpoints/*.pt /app/checkpoints/
+RUN chmod 0755 /app/checkpoints && chmod 0444 /app/checkpoints/*.pt
 
 # Same values the launcher sets with mallopt (service/__main__.py); the env form also covers child processes.
 ENV MALLOC_MMAP_THRESHOLD_=268435456 \

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 CHECKPOINT ?= checkpoints/swissroll.pt
 
-.PHONY: serve test train train-cond lint bench-quality bench-conditional bench-speed bench-load clean
+.PHONY: serve test train train-seed train-cond lint bench-quality bench-conditional bench-speed bench-load clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ train-cond: $(VENV)/.dev
 
 bench-conditional: $(VENV)/.dev
 	$(PY) -m bench.conditional
+
+# The original notebook's network (raw time input, epsilon prediction, no residuals), 100 epochs, with our fixed
+# loop: served beside the default as `swissroll-seed`, so the default's changes can be compared on the page.
+train-seed: $(VENV)/.dev
+	$(PY) -m training --preset seed --epochs 100 --seed 0 --out checkpoints/swissroll-seed.pt
 
 bench-quality: $(VENV)/.dev
 	$(PY) -m bench.quality

@@ -20,8 +20,8 @@ from diffusion.checkpoint import load_model
 from diffusion.cpus import threads_from_env
 from diffusion.samplers import SAMPLERS, timesteps
 from service.compute import Job
-from service.render import animation_mp4
 from service.jobs import Plan, run_plan
+from service.render import animation_mp4
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

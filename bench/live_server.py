@@ -46,6 +46,32 @@ class LiveServer:
             time.sleep(0.1)
         raise TimeoutError(f"server not ready after {timeout} s")
 
+    def wait_until_busy(self, requests: int = 1, cpu_s: float = 0.0, timeout: float = 30.0) -> None:
+        """A barrier for tests, instead of a pause: returns once `requests` requests are being handled (besides the
+        /metrics poll itself) and, with cpu_s, once the server has then used that much more CPU time (the only thing
+        burning it is a sampling or rendering job: the request has passed admission and is computing)."""
+        deadline = time.monotonic() + timeout
+        while self._in_flight() < requests + 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {requests} requests in flight after {timeout} s")
+            time.sleep(0.01)
+        began = self.cpu_seconds()
+        while self.cpu_seconds() - began < cpu_s:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server used under {cpu_s} s of CPU in {timeout} s")
+            time.sleep(0.01)
+
+    def _in_flight(self) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        line = next(line for line in text.splitlines() if line.startswith("swissroll_in_flight_requests "))
+        return float(line.split()[1])
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux /proc)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def terminate(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

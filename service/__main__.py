@@ -1,6 +1,5 @@
-"""swissroll-serve / python -m service: load the checkpoint (failing fast, in one line), then serve it."""
+"""swissroll-serve / python -m service: load the default model (failing fast, in one line), then serve the models."""
 
-import asyncio
 import ctypes
 import ctypes.util
 import logging
@@ -10,6 +9,7 @@ import signal
 import sys
 import time
 
+import anyio
 import uvicorn
 from pydantic import ValidationError
 
@@ -72,18 +72,23 @@ class DrainingServer(uvicorn.Server):
         if self._exit_at is None:
             self._exit_at = time.monotonic()
         self.app.state.ready = False
-        self.app.state.gate.accepting = False
+        self.app.state.gate.stop_accepting()
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None) -> None:
         # The drain counts from the signal; uvicorn's own timeout (which cancels tasks: 500s) is only a backstop.
         exit_at = self._exit_at if self._exit_at is not None else time.monotonic()
         delay = max(0.0, exit_at + self.drain_s - time.monotonic())
-        abort = asyncio.get_running_loop().call_later(delay, self.app.state.gate.abort)
-        try:
-            await super().shutdown(sockets)
-        finally:
-            abort.cancel()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._abort_after, delay)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def _abort_after(self, delay: float) -> None:
+        await anyio.sleep(delay)
+        self.app.state.gate.abort()
 
 
 def main() -> None:
@@ -100,8 +105,9 @@ def main() -> None:
     raise_fd_limit(settings.max_connections + 64)
     app = create_app(settings)
     try:
-        # On the compute thread, like all torch work (see ComputeGate), and before serving: fail fast, in one line.
-        app.state.model = app.state.gate.call(load_configured_model, settings)
+        # The default model, on the compute thread like all torch work (see ComputeGate), before serving: fail fast,
+        # in one line. The lifespan warms it up and loads the directory's other models (those may fail: listed).
+        app.state.models.add(settings.default_model_name(), app.state.gate.call(load_configured_model, settings))
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     config = uvicorn.Config(

@@ -1,14 +1,17 @@
 """The app factory: settings in, FastAPI app out. The model is loaded once, in the lifespan."""
 
+import asyncio
 import dataclasses
 import json
 import logging
+import signal
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from urllib.parse import parse_qsl
 
+import anyio
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -27,16 +30,17 @@ from service.cuda_fast_path import CudaFastPath
 from service.encoding import json_response
 from service.graph_cache import GraphCache
 from service.http_limits import HeaderCountLimit
-from service.metrics import Metrics
-from service.routes import router
 from service.jobs import plan, run_plan
+from service.metrics import Metrics
+from service.model_repository import ModelRepository
+from service.routes import router
 from service.schemas import PARAMS_BY_PATH, SampleParams, allowed_values
 from service.settings import Settings
 from service.video_cache import VideoCache
 
 log = logging.getLogger("swissroll")
 STATIC_DIR = Path(__file__).parent / "static"
-GZIP_LEVEL = 5
+GZIP_LEVEL = 1
 GZIP_EXCLUDED = ("video/*", "image/*", "audio/*", "application/x-npy", "application/gzip", "text/event-stream")
 
 # What error bodies and log lines echo of client input, at most (characters).
@@ -46,8 +50,8 @@ SECRET_NAME_PARTS = ("key", "token", "secret", "pass", "auth", "credential", "se
 # CORS: what a browser page may send and read.
 CORS_ALLOW_HEADERS = ["Authorization", "Range", "If-None-Match", "If-Range"]
 CORS_EXPOSE_HEADERS = [
-    "X-Seed", "X-Model", "X-Elapsed-Ms", "X-Cache", "ETag", "Content-Range", "Accept-Ranges", "Content-Length",
-    "Content-Location", "Retry-After", "X-Sampler", "X-Spacing", "X-Timesteps", "X-Levels",
+    "X-Seed", "X-Model", "X-Model-Name", "X-Elapsed-Ms", "X-Cache", "ETag", "Content-Range", "Accept-Ranges",
+    "Content-Length", "Content-Location", "Retry-After", "X-Sampler", "X-Spacing", "X-Timesteps", "X-Levels",
 ]  # fmt: skip
 
 
@@ -90,9 +94,9 @@ def _warm_up(model: LoadedModel, blocks: BlockPool | None) -> float:
 
 
 def load_configured_model(settings: Settings) -> LoadedModel:
-    """The one way the service loads its model: settings.checkpoint on settings.device. Raises CheckpointError or
-    ValueError with a one-line message (python -m service calls it before serving, to fail fast)."""
-    return load_model(settings.checkpoint, resolve_device(settings.device))
+    """The default model's file on settings.device, checked (no warm-up yet). Raises CheckpointError or ValueError
+    with a one-line message (python -m service calls it before serving, to fail fast)."""
+    return load_model(settings.default_model_path(), resolve_device(settings.device))
 
 
 def _with_fast_path(app: FastAPI, model: LoadedModel, settings: Settings) -> LoadedModel:
@@ -107,28 +111,96 @@ def _with_fast_path(app: FastAPI, model: LoadedModel, settings: Settings) -> Loa
     return dataclasses.replace(model, fast_path=fast)
 
 
+# A reload waits for room in the compute gate (it is work like any request's), up to this long.
+_RELOAD_PATIENCE_S = 300.0
+
+
+async def _in_gate(gate: ComputeGate, work):
+    """gate.run for the service's own work (loading, warm-up): waits while the gate is full instead of failing."""
+    give_up = time.monotonic() + _RELOAD_PATIENCE_S
+    while True:
+        try:
+            result, _ = await gate.run(work)
+            return result
+        except Overloaded as e:
+            if not gate.accepting or time.monotonic() > give_up:
+                raise
+            await anyio.sleep(min(max(e.retry_after_s, 0.1), 2.0))
+
+
+async def _prepare(app: FastAPI, settings: Settings, model: LoadedModel) -> LoadedModel:
+    """A checked model made ready to serve: its CUDA fast path, then the warm-up, both on the compute threads."""
+    gate: ComputeGate = app.state.gate
+    if model.device.type == "cuda":
+        model = await _in_gate(gate, lambda _job: _with_fast_path(app, model, settings))
+    if settings.warmup:
+        app.state.warmup_s[model.id] = await _in_gate(gate, lambda job: _warm_up(model, job.blocks))
+    return model
+
+
+def _repository(app: FastAPI, settings: Settings) -> ModelRepository:
+    async def load(path: Path) -> LoadedModel:
+        device = resolve_device(settings.device)
+        model = await _in_gate(app.state.gate, lambda _job: load_model(path, device))
+        return await _prepare(app, settings, model)
+
+    def changed(name: str, result: str, old: LoadedModel | None, new: LoadedModel | None) -> None:
+        app.state.metrics.reloads.labels(result).inc()
+        replaced = old is not None and (new is None or new.id != old.id)
+        graphs = getattr(app.state, "graphs", None)
+        if replaced and graphs is not None and all(m.model.id != old.id for m in app.state.models.models.values()):
+            graphs.invalidate(old.id)  # graphs of a replaced model; requests still on it re-capture if they must
+
+    return ModelRepository(settings.models_dir, settings.default_model_name(), load, settings.checkpoint, changed)
+
+
+def _watch_sighup(repository: ModelRepository) -> bool:
+    """SIGHUP reloads at once (only where the event loop runs on the main thread: under uvicorn, not TestClient)."""
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, repository.wake)
+        return True
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+        return False
+
+
 def create_app(settings: Settings | None = None, model: LoadedModel | None = None) -> FastAPI:
-    """`model`: an already loaded checkpoint; otherwise the lifespan loads settings.checkpoint."""
+    """`model`: the default model, already loaded and checked (python -m service loads it first, to fail fast);
+    otherwise the lifespan loads it. The lifespan loads every other model file, then watches for changes."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         gate: ComputeGate = app.state.gate
-        if getattr(app.state, "model", None) is None:
-            app.state.model, _ = await gate.run(lambda _job: load_configured_model(settings))
-        if app.state.model.device.type == "cuda":
-            app.state.model, _ = await gate.run(lambda _job: _with_fast_path(app, app.state.model, settings))
-        if settings.warmup:
-            job_s, _ = await gate.run(lambda job: _warm_up(app.state.model, job.blocks))
-            gate.calibrate(job_s)
+        models: ModelRepository = app.state.models
+        preloaded = models.models.get(models.default)
+        if preloaded is not None:
+            models.add(models.default, await _prepare(app, settings, preloaded.model), preloaded.stamp)
+        await models.start()  # the default must load (DefaultModelError); other files may fail, and are listed
+        default = models.get()
+        if default.id in app.state.warmup_s:
+            gate.calibrate(app.state.warmup_s[default.id])
         app.state.ready = True
-        model_info = {"model": app.state.model.id[:12], "device": str(app.state.model.device)}
-        if app.state.model.fast_path is not None:
-            model_info["cuda"] = app.state.model.fast_path.describe()
-        log.info(json.dumps({"event": "ready", **model_info, **app.state.threads}))
-        yield
-        app.state.ready = False
-        gate.close()
+        info = {"models": models.names(), "default": models.default, "model": default.id[:12]}
+        info["device"] = str(default.device)
+        if default.fast_path is not None:
+            info["cuda"] = default.fast_path.describe()
+        log.info(json.dumps({"event": "ready", **info, **app.state.threads}))
+        sighup = _watch_sighup(models)
+        try:
+            async with AsyncExitStack() as running:
+                if app.state.batcher is not None:
+                    await running.enter_async_context(app.state.batcher.serving())
+                async with anyio.create_task_group() as tasks:  # inside the batcher's: cancel scopes nest
+                    tasks.start_soon(models.watch, settings.reload_poll_s)
+                    try:
+                        yield
+                    finally:
+                        tasks.cancel_scope.cancel()
+        finally:
+            if sighup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            app.state.ready = False
+            gate.close()
 
     app = FastAPI(
         title="swissroll-diffusion",
@@ -139,8 +211,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     )
     app.state.settings = settings
     app.state.ready = False
-    if model is not None:
-        app.state.model = model  # usable at once; ready only after the lifespan's warm-up
+    app.state.warmup_s = {}  # model id -> one small run's time after its warm-up (admission's first estimate)
     choice = choose_threads(settings.torch_threads)
     blocks = BlockPool(choice.threads) if settings.cpu_parallel == "blocks" and choice.threads > 1 else None
     app.state.threads = {**choice.describe(), "cpu_parallel": settings.cpu_parallel}
@@ -156,6 +227,9 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         blocks=blocks,
     )
     app.state.metrics = Metrics()
+    app.state.models = _repository(app, settings)
+    if model is not None:
+        app.state.models.add(settings.default_model_name(), model)
     app.state.batcher = (
         Batcher(app.state.gate, app.state.metrics, settings.max_batch_points, settings.max_wait_ms)
         if settings.batching
@@ -167,7 +241,8 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     _install_error_handlers(app)
     if settings.gzip_min_bytes:
         # JSON point clouds shrink ~3x. Never the MP4: video is already compressed and Range offsets (206) refer to
-        # its bytes; npy floats gain ~10% for the CPU it costs. Level 5: most of level 9's ratio at a third the time.
+        # its bytes; npy floats gain ~10% for the CPU it costs. Level 1: a 100k-point /sample body (4.1 MB) shrinks 3.2x
+        # in ~26 ms on one core (level 5: 4.5x in ~63 ms, a quarter of that request's compute); the cores sample.
         app.add_middleware(
             GZipMiddleware,
             minimum_size=settings.gzip_min_bytes,
@@ -266,9 +341,11 @@ class RequestLog:
             self.metrics.in_flight.dec()
             seconds = time.perf_counter() - start
             endpoint = getattr(scope.get("route"), "path", "unmatched")
-            sampler = scope.get("state", {}).get("sampler", "")  # set by sampling routes once validated
-            self.metrics.requests.labels(endpoint, sampler, str(status)).inc()
-            self.metrics.latency.labels(endpoint, sampler).observe(seconds)
+            state = scope.get("state", {})
+            sampler = state.get("sampler", "")  # set by sampling routes once validated
+            model = state.get("model", "")  # a served model's name (a file stem), set once it was found
+            self.metrics.requests.labels(endpoint, model, sampler, str(status)).inc()
+            self.metrics.latency.labels(endpoint, model, sampler).observe(seconds)
             if log.isEnabledFor(logging.INFO):
                 line = {"endpoint": clip(scope["path"], 200), "method": scope["method"], "status": status}
                 line.update(logged_params(scope["path"], scope.get("query_string", b"")))

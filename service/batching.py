@@ -1,4 +1,4 @@
-"""Dynamic batching: concurrent /sample requests with the same sampler, timesteps and parameters share each
+"""Dynamic batching: concurrent /sample requests for the same model, sampler, timesteps and parameters share each
 denoising step's network call, and are split apart afterwards.
 
 Batch-invariant by construction: every request keeps its own generator for its initial noise and for its
@@ -6,56 +6,64 @@ rows of every step's noise (diffusion.noise.from_sources), and its rows start on
 network computes them exactly as it would alone (see denoiser.ROW_ALIGN): on CPU a seed gives the same points,
 bit for bit, batched or alone (on a GPU its GEMMs are not batch-invariant: rows agree to ~3e-7).
 
-The first request of a batch leads: it waits up to max_wait_ms for company (or until max_batch_points is
-reached; not at all when it is the only request around), then runs the batch as one job through the compute
-gate on behalf of all its members. Requests keep joining while that job waits for a compute slot.
+One owner per piece of state, as Ray Serve's `_BatchQueue`: a request only puts itself on a queue and waits for its
+own result. A single consumer task takes requests off the queue and forms the batches, one open batch per key
+(model id + Plan.key(): batches never mix models or computations); for each new batch it starts a runner (its
+child task) that waits up to max_wait_ms for company (not at all when nobody else is around) and runs the batch
+as one job through the compute gate. The batch keeps taking members while that job waits for a compute slot; its
+membership ends on the event loop when the slot is granted (gate.run's on_start), so no member list is ever
+touched from a worker thread. A request cancelled or disconnected before then is dropped from its batch; one
+gone after that is marked, and the job stops at its next step when every member is gone. No request leads its
+batch, so none needs shielding from its own client leaving.
 """
 
-import threading
+import math
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
 import numpy as np
 import torch
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from diffusion.checkpoint import LoadedModel
 from diffusion.denoiser import ROW_ALIGN
 from diffusion.noise import from_sources, initial_noise
 from service.blocks import run_sampler
-from service.compute import ComputeGate, Job, Timing
+from service.compute import Cancelled, ComputeGate, Job, ShuttingDown, Timing
+from service.jobs import Plan, computation_key
 from service.metrics import Metrics
-from service.jobs import Plan
+
+_DISCONNECT_POLL_S = 0.1  # how often a waiting request asks whether its client is still there
 
 
-@dataclass
-class _Batch:
-    plans: list[Plan] = field(default_factory=list)
-    points: int = 0
-    # Members may join until the job starts in its worker thread; the lock orders joining against that start.
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    closed: bool = False
-    full: anyio.Event = field(default_factory=anyio.Event)
+@dataclass(eq=False)
+class _Request:
+    """One caller's place in a batch. Its task sets `gone`; the batch's runner sets the rest."""
+
+    model: LoadedModel
+    plan: Plan
     done: anyio.Event = field(default_factory=anyio.Event)
-    results: list[np.ndarray] | None = None
+    started: bool = False  # its batch's job has its compute slot: its rows are being computed
+    gone: bool = False  # its caller stopped waiting (cancelled, or the client disconnected)
+    points: np.ndarray | None = None
     timing: Timing | None = None
     error: Exception | None = None
-    disconnect_checks: list = field(default_factory=list)
 
-    def join(self, plan: Plan, max_points: int, is_disconnected) -> int | None:
-        """This plan's row block index in the batch, or None if the batch has started or has no room."""
-        with self.lock:
-            if self.closed or (self.plans and self.points + plan.n > max_points):
-                return None
-            self.plans.append(plan)
-            self.points += plan.n
-            if is_disconnected is not None:
-                self.disconnect_checks.append(is_disconnected)
-            return len(self.plans) - 1
+    def resolve(self, points: np.ndarray | None, timing: Timing | None, error: Exception | None = None) -> None:
+        self.points, self.timing, self.error = points, timing, error
+        self.done.set()
 
-    def close(self) -> list[Plan]:
-        with self.lock:
-            self.closed = True
-            return list(self.plans)
+
+@dataclass(eq=False)
+class _Batch:
+    """Requests with one key, changed only by the consumer until the runner's job gets its slot."""
+
+    key: tuple
+    model: LoadedModel
+    requests: list[_Request] = field(default_factory=list)
+    points: int = 0
+    full: anyio.Event = field(default_factory=anyio.Event)
 
 
 def run_batch(model: LoadedModel, plans: list[Plan], job: Job) -> list[np.ndarray]:
@@ -84,63 +92,140 @@ def run_batch(model: LoadedModel, plans: list[Plan], job: Job) -> list[np.ndarra
 
 
 class Batcher:
+    """`async with batcher.serving():` runs the consumer (the app's lifespan); `await batcher.sample(...)` in it."""
+
     def __init__(self, gate: ComputeGate, metrics: Metrics, max_batch_points: int, max_wait_ms: float):
         self.gate, self.metrics = gate, metrics
         self.max_batch_points, self.max_wait_s = max_batch_points, max_wait_ms / 1000
-        self._open: dict[tuple, _Batch] = {}
+        self._open: dict[tuple, _Batch] = {}  # the consumer's: per key, the batch still taking members
         self._active = 0  # requests inside sample(): is anyone around to batch with?
+        self._inbox: MemoryObjectSendStream[_Request] | None = None  # requests' way in, while serving
+
+    @asynccontextmanager
+    async def serving(self):
+        """Runs the consumer for the duration (the app's lifespan). On exit (shutdown) the consumer and every
+        batch's runner are cancelled: their requests get 503 (ShuttingDown), and so does any request after."""
+        send, receive = anyio.create_memory_object_stream[_Request](math.inf)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._consume, receive)
+            self._inbox = send
+            try:
+                yield self
+            finally:
+                self._inbox = None
+                send.close()
+                tg.cancel_scope.cancel()
 
     async def sample(self, model: LoadedModel, plan: Plan, is_disconnected=None) -> tuple[np.ndarray, Timing]:
-        self._active += 1
-        try:
-            return await self._sample(model, plan, is_disconnected)
-        finally:
-            self._active -= 1
+        if self._inbox is None:
+            raise ShuttingDown
+        request = _Request(model, plan)
+        # This request's points count against the gate's bound while it waits: its batch's job runs with points=0.
+        with self.gate.admit(plan.n):
+            self._active += 1
+            try:
+                try:
+                    self._inbox.send_nowait(request)
+                except anyio.ClosedResourceError:
+                    raise ShuttingDown from None
+                async with anyio.create_task_group() as tg:
+                    if is_disconnected is not None:
+                        tg.start_soon(_leave_on_disconnect, request, is_disconnected, tg.cancel_scope)
+                    await request.done.wait()
+                    tg.cancel_scope.cancel()
+            finally:
+                self._active -= 1
+                if not request.done.is_set():
+                    request.gone = True  # dropped from its batch if not started; else its job may stop early
+        if not request.done.is_set():
+            raise Cancelled  # the client left before its batch started
+        if request.error is not None:
+            raise request.error
+        return request.points, request.timing
 
-    async def _sample(self, model: LoadedModel, plan: Plan, is_disconnected) -> tuple[np.ndarray, Timing]:
-        key = plan.key()
-        batch = self._open.get(key)
-        index = batch.join(plan, self.max_batch_points, is_disconnected) if batch is not None else None
-        leader = index is None
-        if leader:
-            if batch is not None:
-                batch.full.set()  # no room for this request: that batch should go now; this one starts anew
-            batch = self._open[key] = _Batch()
-            index = batch.join(plan, self.max_batch_points, is_disconnected)
-        if batch.points >= self.max_batch_points:
-            batch.full.set()
-        if leader:
-            await self._lead(key, batch, model)
-        else:
-            await batch.done.wait()
-        if batch.error is not None:
-            raise batch.error
-        return batch.results[index], batch.timing
+    async def _consume(self, inbox: MemoryObjectReceiveStream[_Request]) -> None:
+        """The one task that forms batches: each request joins its key's open batch, or opens the next one."""
+        async with anyio.create_task_group() as runners:
+            try:
+                async for request in inbox:
+                    if request.gone:
+                        continue
+                    key = computation_key(request.model, request.plan)
+                    batch = self._open.get(key)
+                    if batch is not None and batch.points + request.plan.n > self.max_batch_points:
+                        batch.full.set()  # no room for this request: that batch should go now; this one opens anew
+                        batch = None
+                    if batch is None:
+                        batch = self._open[key] = _Batch(key, request.model)
+                        runners.start_soon(self._run, batch)
+                    batch.requests.append(request)
+                    batch.points += request.plan.n
+                    if batch.points >= self.max_batch_points:
+                        batch.full.set()
+            finally:
+                # Shutdown: requests still queued never reach a batch.
+                for request in _drain(inbox):
+                    request.resolve(None, None, ShuttingDown())
 
-    async def _lead(self, key: tuple, batch: _Batch, model: LoadedModel) -> None:
+    async def _run(self, batch: _Batch) -> None:
+        """One batch's job through the gate; every member's result (or error) delivered to it."""
         # A short window for company, unless full, or alone with an idle compute slot: then waiting only adds
         # latency. Under load the slot is busy, and the batch keeps taking members until its job starts.
-        if self._active > 1 or self.gate.running or self.gate.waiting:
+        if self._active > 1 or self.gate.busy():
             with anyio.move_on_after(self.max_wait_s):
                 await batch.full.wait()
+        members: list[_Request] = []
 
-        async def all_gone() -> bool:
-            # The batch stops only when every member's client has left.
-            return all([await check() for check in batch.disconnect_checks]) if batch.disconnect_checks else False
+        def close() -> None:
+            # On the event loop, as the job gets its slot: membership ends; who left before now is not computed.
+            if self._open.get(batch.key) is batch:
+                del self._open[batch.key]
+            members.extend(r for r in batch.requests if not r.gone)
+            if not members:
+                raise Cancelled
+            for r in members:
+                r.started = True
 
         def work(job: Job) -> list[np.ndarray]:
-            return run_batch(model, batch.close(), job)
+            return run_batch(batch.model, [r.plan for r in members], job)
 
-        # Shielded: the leader's own client leaving must not cancel the work its batch-mates wait for.
-        with anyio.CancelScope(shield=True):
-            try:
-                cost = batch.points * batch.plans[0].steps  # members joining later ride along uncounted
-                batch.results, batch.timing = await self.gate.run(work, all_gone, cost=cost)
-                self.metrics.batch_points.observe(batch.points)
-                self.metrics.batch_requests.observe(len(batch.plans))
-            except Exception as e:  # delivered to every member
-                batch.error = e
-            finally:
-                if self._open.get(key) is batch:
-                    del self._open[key]
-                batch.done.set()
+        async def all_gone() -> bool:
+            return all(r.gone for r in members)  # the job stops only when no member is waiting for it
+
+        cost = batch.points * batch.requests[0].plan.steps  # members joining later ride along uncounted
+        try:
+            results, timing = await self.gate.run(work, all_gone, cost=cost, on_start=close)
+        except Exception as e:  # delivered to every member
+            for r in batch.requests:
+                r.resolve(None, None, e)
+            return
+        except BaseException:  # cancelled: the server is shutting down
+            for r in batch.requests:
+                r.resolve(None, None, ShuttingDown())
+            raise
+        finally:
+            if self._open.get(batch.key) is batch:  # refused before it started: later requests open a new batch
+                del self._open[batch.key]
+        self.metrics.batch_points.observe(sum(r.plan.n for r in members))
+        self.metrics.batch_requests.observe(len(members))
+        for r, points in zip(members, results, strict=True):
+            r.resolve(points, timing)
+
+
+async def _leave_on_disconnect(request: _Request, is_disconnected, scope: anyio.CancelScope) -> None:
+    # Starlette does not cancel a handler when its client leaves: poll. Before its batch starts, the request leaves
+    # (and is dropped from the batch); after, it is marked gone and waits, so its points stay counted until done.
+    while not await is_disconnected():
+        await anyio.sleep(_DISCONNECT_POLL_S)
+    request.gone = True
+    if not request.started:
+        scope.cancel()
+
+
+def _drain(inbox: MemoryObjectReceiveStream[_Request]) -> list[_Request]:
+    left = []
+    while True:
+        try:
+            left.append(inbox.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            return left

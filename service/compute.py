@@ -11,9 +11,12 @@ compute time per job and per unit of cost beyond that (learned from finished job
 is refused at once (503 + Retry-After); a waiting job re-checks this every 0.25 s, so it too is refused as soon as
 the estimate says it cannot start in time, instead of waiting its whole deadline for that 503.
 On shutdown, `abort()` stops running jobs at their next step and refuses waiting ones (503, ShuttingDown).
+
+The gate is the only owner of its counters (points in flight, waiting and running jobs): `run(work, points=n)`
+reserves a job's points and releases them when it returns, and `admit(points=n)` does the same for a request that
+rides in a batch (service/batching.py); nothing else reads or writes them.
 """
 
-import asyncio
 import math
 import threading
 import time
@@ -99,7 +102,7 @@ class ComputeGate:
         self.max_concurrency, self.max_queue, self.timeout_s = max_concurrency, max_queue, timeout_s
         self.max_points = max_points
         self.blocks = blocks
-        self.points_in_flight = 0
+        self._points_in_flight = 0
         self._slots = anyio.Semaphore(max_concurrency)
         # All torch work runs on these long-lived threads (and the block threads they hand rows to), never on the
         # event loop's thread: with a second thread launching OpenMP regions, libgomp throttles its spin-waits and
@@ -107,9 +110,12 @@ class ComputeGate:
         self._executor = ThreadPoolExecutor(
             max_concurrency, thread_name_prefix="swissroll-compute", initializer=thread_init
         )
-        self.waiting = 0
-        self.running = 0
-        self.accepting = True
+        # Waits for the executor's futures (one blocked thread per running job, never the event loop): anyio's own
+        # threads, bounded apart from its default limiter, which FastAPI's sync dependencies share.
+        self._waiters = anyio.CapacityLimiter(max_concurrency)
+        self._waiting = 0
+        self._running = 0
+        self._accepting = True
         self.aborted = threading.Event()
         # Recent compute time: per job (small jobs: fixed costs dominate) and per unit of cost (points x network
         # evaluations) beyond that; together they estimate how long the queue ahead of a new job takes.
@@ -123,15 +129,25 @@ class ComputeGate:
         return self._executor.submit(fn, *args).result()
 
     @contextmanager
-    def reserve_points(self, n: int):
-        """Bounds memory whatever clients send: the points of all admitted requests together."""
-        if self.points_in_flight + n > self.max_points:
-            raise Overloaded(f"{self.points_in_flight} points in flight, limit {self.max_points}", self.retry_after_s())
-        self.points_in_flight += n
+    def admit(self, points: int):
+        """A request's share of the bound on memory, whatever clients send: the points of all admitted requests
+        together. Refused (503) beyond it, or when shutting down. `run(points=n)` takes it for its job; a request
+        that rides in a batch (whose job runs with points=0) holds it itself while it waits for its rows."""
+        if not self._accepting:
+            raise ShuttingDown
+        if self._points_in_flight + points > self.max_points:
+            raise Overloaded(
+                f"{self._points_in_flight} points in flight, limit {self.max_points}", self.retry_after_s()
+            )
+        self._points_in_flight += points
         try:
             yield
         finally:
-            self.points_in_flight -= n
+            self._points_in_flight -= points
+
+    def busy(self) -> bool:
+        """A job is running or waiting for a slot (a new one would not start at once, or not alone)."""
+        return bool(self._running or self._waiting)
 
     def estimate_s(self, cost: int) -> float:
         """Recent compute time of a job of this cost."""
@@ -154,16 +170,20 @@ class ComputeGate:
         """Seed the per-job time from a measured small run (the warm-up), before any request has taught it."""
         self._ewma_job_s = job_s
 
+    def stop_accepting(self) -> None:
+        """Draining (SIGTERM): new work is refused (503); admitted work goes on."""
+        self._accepting = False
+
     def close(self) -> None:
         """At shutdown (the app's lifespan): refuse new work and let the compute threads end with the process."""
-        self.accepting = False
+        self._accepting = False
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self.blocks is not None:
             self.blocks.close()
 
     def abort(self) -> None:
         """The drain time is over: running jobs stop at their next step, waiting ones are refused (503)."""
-        self.accepting = False
+        self._accepting = False
         self.aborted.set()
 
     def _learn(self, cost: int, compute_s: float) -> None:
@@ -177,33 +197,53 @@ class ComputeGate:
         self,
         work: Callable[[Job], object],
         is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+        *,
+        points: int = 0,
         cost: int = 0,
+        on_start: Callable[[], None] | None = None,
     ) -> tuple[object, Timing]:
-        """cost: points x network evaluations of this job (0: unknown, counted as a small job)."""
-        if not self.accepting:
-            raise ShuttingDown
-        if self.waiting >= self.max_queue and self._slots.value == 0:
-            raise Overloaded(f"queue full ({self.max_queue} waiting)", self.retry_after_s())
-        ahead_s = self.queue_ahead_s()
-        if ahead_s > self.timeout_s:
-            raise Overloaded(
-                f"the queue ahead needs about {ahead_s:.1f} s, beyond the {self.timeout_s:g} s deadline",
-                self.retry_after_s(),
-            )
-        start = time.monotonic()
-        deadline = start + self.timeout_s
+        """Run work(job) on a compute thread once a slot is free: (its result, queue and compute time).
+
+        points: the points this job holds in memory (reserved here, released when it returns; refused beyond
+        max_points). cost: points x network evaluations (0: unknown, counted as a small job). on_start: called on
+        the event loop when the job has its slot, just before work goes to the thread (a batch ends its membership
+        there); it may raise (e.g. Cancelled: nobody is left to run for) and the slot is given back.
+        """
+        with self.admit(points):
+            if self._waiting >= self.max_queue and self._slots.value == 0:
+                raise Overloaded(f"queue full ({self.max_queue} waiting)", self.retry_after_s())
+            ahead_s = self.queue_ahead_s()
+            if ahead_s > self.timeout_s:
+                raise Overloaded(
+                    f"the queue ahead needs about {ahead_s:.1f} s, beyond the {self.timeout_s:g} s deadline",
+                    self.retry_after_s(),
+                )
+            start = time.monotonic()
+            deadline = start + self.timeout_s
+            await self._acquire_slot(cost, deadline)
+            try:
+                if self.aborted.is_set():
+                    raise ShuttingDown
+                if on_start is not None:
+                    on_start()
+                return await self._run_in_slot(work, is_disconnected, cost, start, deadline)
+            finally:
+                self._slots.release()
+
+    async def _acquire_slot(self, cost: int, deadline: float) -> None:
+        """Wait in FIFO order for a slot; refused (503) when it cannot start before the deadline."""
         entry, hopeless, acquired = _Waiting(cost), [], False
-        self.waiting += 1
+        self._waiting += 1
         self._queue.append(entry)
         try:
-            with anyio.move_on_after(self.timeout_s):
+            with anyio.move_on_after(deadline - time.monotonic()):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._recheck_while_waiting, entry, deadline, tg.cancel_scope, hopeless)
                     await self._slots.acquire()  # not re-entered: the job keeps its place in the FIFO
                     acquired = True
                     tg.cancel_scope.cancel()
         finally:
-            self.waiting -= 1
+            self._waiting -= 1
             self._queue.remove(entry)
         if not acquired:
             if hopeless:
@@ -212,10 +252,6 @@ class ComputeGate:
                     self.retry_after_s(),
                 )
             raise Overloaded(f"could not start within {self.timeout_s:g} s", self.retry_after_s())
-        try:
-            return await self._run_in_slot(work, is_disconnected, cost, start, deadline)
-        finally:
-            self._slots.release()
 
     async def _recheck_while_waiting(self, entry: "_Waiting", deadline: float, scope, hopeless: list) -> None:
         while True:
@@ -230,10 +266,8 @@ class ComputeGate:
                 return
 
     async def _run_in_slot(self, work, is_disconnected, cost: int, start: float, deadline: float):
-        if self.aborted.is_set():
-            raise ShuttingDown
         job = Job(deadline, threading.Event(), blocks=self.blocks, aborted=self.aborted)
-        self.running += 1
+        self._running += 1
         began = time.monotonic()
         token = object()
         self._started[token] = (began, cost)
@@ -243,7 +277,7 @@ class ComputeGate:
                 if is_disconnected is not None:
                     tg.start_soon(_watch_disconnect, is_disconnected, job)
                 try:
-                    result = await asyncio.get_running_loop().run_in_executor(self._executor, work, job)
+                    result = await self._in_compute_thread(work, job)
                 except Exception as e:  # kept out of the task group, which would wrap it in an ExceptionGroup
                     error = e
                 except BaseException:
@@ -254,11 +288,17 @@ class ComputeGate:
             if error is not None:
                 raise error
         finally:
-            self.running -= 1
+            self._running -= 1
             del self._started[token]
         compute_s = time.monotonic() - began
         self._learn(cost, compute_s)
         return result, Timing(began - start, compute_s)
+
+    async def _in_compute_thread(self, work, job: Job):
+        # The work runs on the gate's own long-lived threads (see __init__); an anyio thread waits for it, so a
+        # cancelled caller returns at once (its job is marked cancelled and stops at its next step).
+        future = self._executor.submit(work, job)
+        return await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True, limiter=self._waiters)
 
 
 async def _watch_disconnect(is_disconnected: Callable[[], Awaitable[bool]], job: Job) -> None:

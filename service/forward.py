@@ -64,8 +64,7 @@ def forward_captions(levels) -> list[str]:
 
 
 async def run_forward(gate: ComputeGate, model: LoadedModel, p: ForwardPlan, is_disconnected=None):
-    with gate.reserve_points(p.n):
-        return await gate.run(lambda job: forward_frames(model, p, job), is_disconnected)
+    return await gate.run(lambda job: forward_frames(model, p, job), is_disconnected, points=p.n)
 
 
 async def render_forward_animation(
@@ -76,5 +75,4 @@ async def render_forward_animation(
         job.check()
         return captioned_mp4(frames, forward_captions(p.levels), size, fps, job.check)
 
-    with gate.reserve_points(p.n):
-        return await gate.run(work, is_disconnected)
+    return await gate.run(work, is_disconnected, points=p.n)

@@ -46,8 +46,9 @@ class Plan:
         return self.n * self.steps
 
     def key(self) -> tuple:
-        """What decides the computation apart from n and the seed: plans with equal keys share network calls
-        (batching.py); with the seed and n it names one result (the /animation cache and its ETag)."""
+        """What decides the computation apart from the model, n and the seed: with the model's id, plans with equal
+        keys share network calls (computation_key, batching.py); with the model's id, the seed and n it names one
+        result (the /animation cache and its ETag, video_cache.animation_key)."""
         return (self.spec.name, self.timesteps, tuple(sorted(self.params.items())))
 
     def describe(self) -> dict:
@@ -59,6 +60,12 @@ class Plan:
             "seed": self.seed,
             **self.params,
         }
+
+
+def computation_key(model: LoadedModel, p: Plan) -> tuple:
+    """Which model runs which computation: requests with equal keys may share network calls (batching.py), and
+    never across models (a server may hold several)."""
+    return (model.id, p.key())
 
 
 @dataclass(frozen=True)
@@ -110,14 +117,12 @@ async def sample_points(
     batcher: "Batcher | None" = None,
 ) -> Result:
     """Points only (no trajectory) go through the batcher when there is one; trajectories run as their own job."""
-    with gate.reserve_points(p.n):
-        if batcher is not None and not record:
-            points, timing = await batcher.sample(model, p, is_disconnected)
-            frames = x0 = None
-        else:
-            (points, frames, x0), timing = await gate.run(
-                lambda job: run_plan(model, p, job, record, record_x0), is_disconnected, cost=p.cost
-            )
+    if batcher is not None and not record:
+        points, timing = await batcher.sample(model, p, is_disconnected)
+        return Result(points, None, None, timing)
+    (points, frames, x0), timing = await gate.run(
+        lambda job: run_plan(model, p, job, record, record_x0), is_disconnected, points=p.n, cost=p.cost
+    )
     return Result(points, frames, x0, timing)
 
 
@@ -131,5 +136,4 @@ async def render_animation(
         job.check()
         return animation_mp4(frames, p.spec.name, p.timesteps, size, fps, job.check)
 
-    with gate.reserve_points(p.n):
-        return await gate.run(work, is_disconnected, cost=p.cost)
+    return await gate.run(work, is_disconnected, points=p.n, cost=p.cost)

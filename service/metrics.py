@@ -10,12 +10,12 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "swissroll_requests_total", "HTTP requests", ["endpoint", "sampler", "status"], registry=r
+            "swissroll_requests_total", "HTTP requests", ["endpoint", "model", "sampler", "status"], registry=r
         )
         self.latency = Histogram(
             "swissroll_request_seconds",
             "HTTP request latency",
-            ["endpoint", "sampler"],
+            ["endpoint", "model", "sampler"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -42,6 +42,13 @@ class Metrics:
             "requests merged per batched sampling job",
             registry=r,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )
+        # Label values name models by their file stems (the operator's directory), never by what a client sent.
+        self.reloads = Counter(
+            "swissroll_model_reloads_total",
+            "model repository changes: loaded, reloaded, unchanged (same bytes), unloaded, failed",
+            ["result"],
+            registry=r,
         )
         self.rejected = Counter(
             "swissroll_rejected_total", "requests refused by admission control", ["reason"], registry=r

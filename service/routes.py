@@ -1,30 +1,37 @@
 """HTTP routes: validate, call, serialize. Nothing here does maths."""
 
-import hashlib
-from pathlib import PurePath
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from diffusion.checkpoint import LoadedModel
-from diffusion.samplers import SAMPLERS, SamplerError
+from diffusion.samplers import SamplerError
 from service.auth import require_api_key
 from service.byte_ranges import not_modified, ranged_response
+from service.catalog import details, listing, samplers_of
 from service.compute import ComputeGate, Timing
 from service.encoding import compact, json_response, npy_response
 from service.field import check_level, run_field
 from service.forward import forward_plan, render_forward_animation, run_forward
-from service.metrics import Metrics
-from service.render import even
 from service.jobs import plan, render_animation, sample_points
-from service.schemas import AnimationParams, FieldParams, ForwardParams, SampleParams, TrajectoryParams
-from service.video_cache import VideoCache
+from service.metrics import Metrics
+from service.model_repository import ModelRepository
+from service.render import even
+from service.schemas import (
+    AnimationParams,
+    FieldParams,
+    ForwardParams,
+    ModelChoice,
+    SampleParams,
+    TrajectoryParams,
+)
+from service.video_cache import VideoCache, animation_key, etag
 
 
-def get_model(request: Request) -> LoadedModel:
-    return request.app.state.model
+def get_models(request: Request) -> ModelRepository:
+    return request.app.state.models
 
 
 def get_gate(request: Request) -> ComputeGate:
@@ -39,7 +46,7 @@ def get_video_cache(request: Request) -> VideoCache:
     return request.app.state.video_cache
 
 
-Model = Annotated[LoadedModel, Depends(get_model)]
+Models = Annotated[ModelRepository, Depends(get_models)]
 Gate = Annotated[ComputeGate, Depends(get_gate)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 Cache = Annotated[VideoCache, Depends(get_video_cache)]
@@ -58,6 +65,14 @@ IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match", description="a
 IfRange = Annotated[str | None, Header(alias="If-Range", description="the ETag a Range is conditional on")]
 
 
+def choose(models: ModelRepository, request: Request, name: str | None) -> LoadedModel:
+    """The request's model (UnknownModel -> 422 listing the served ones). The request keeps this reference to the
+    end: a reload meanwhile serves the next requests, never this one."""
+    served = models.served(name)
+    request.state.model = served.name  # the metrics label: a file stem, never the client's string
+    return served.model
+
+
 def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, timing: Timing) -> None:
     metrics.points.labels(sampler).inc(n)
     metrics.queue_wait.observe(timing.queue_s)
@@ -72,18 +87,31 @@ def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, timing: Timin
     responses={200: {"content": {"application/x-npy": {}}}, 422: {}, **UNAUTHORIZED, **BUSY},
 )
 async def sample(
-    params: Annotated[SampleParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
+    params: Annotated[SampleParams, Query()], request: Request, models: Models, gate: Gate, metrics: MetricsDep
 ) -> Response:
+    model = choose(models, request, params.model)
     p = plan(model, params)
     request.state.sampler = p.spec.name
     result = await sample_points(gate, model, p, request.is_disconnected, batcher=request.app.state.batcher)
     _record(metrics, "/sample", p.spec.name, p.n, result.timing)
     elapsed_ms = round(result.timing.compute_s * 1000, 2)
-    headers = {"X-Seed": str(p.seed), "X-Model": model.id, "X-Elapsed-Ms": str(elapsed_ms)}
+    headers = {
+        "X-Seed": str(p.seed),
+        "X-Model": model.id,
+        "X-Model-Name": request.state.model,
+        "X-Elapsed-Ms": str(elapsed_ms),
+    }
     if params.format == "npy":
         return npy_response(result.points, headers)
     return json_response(
-        {**p.describe(), "model": model.id, "elapsed_ms": elapsed_ms, "points": result.points}, headers=headers
+        {
+            **p.describe(),
+            "model": model.id,
+            "model_name": request.state.model,
+            "elapsed_ms": elapsed_ms,
+            "points": result.points,
+        },
+        headers=headers,
     )
 
 
@@ -95,8 +123,9 @@ async def sample(
     responses={200: {"content": {"application/x-npy": {}}}, **UNAUTHORIZED, **BUSY},
 )
 async def trajectory(
-    params: Annotated[TrajectoryParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
+    params: Annotated[TrajectoryParams, Query()], request: Request, models: Models, gate: Gate, metrics: MetricsDep
 ) -> Response:
+    model = choose(models, request, params.model)
     p = plan(model, params)
     request.state.sampler = p.spec.name
     result = await sample_points(gate, model, p, request.is_disconnected, record=True, record_x0=params.include_x0)
@@ -106,6 +135,7 @@ async def trajectory(
         headers = {
             "X-Seed": str(p.seed),
             "X-Model": model.id,
+            "X-Model-Name": request.state.model,
             "X-Elapsed-Ms": str(round(result.timing.compute_s * 1000, 2)),
             "X-Sampler": p.spec.name,
             "X-Spacing": p.spacing,
@@ -118,13 +148,16 @@ async def trajectory(
     payload = {
         **p.describe(),
         "model": model.id,
+        "model_name": request.state.model,
         "elapsed_ms": round(result.timing.compute_s * 1000, 2),
         "timesteps": p.timesteps,
         "frames": compact(result.frames),
     }
     if params.include_x0:
         payload["x0"] = compact(result.x0)
-    return json_response(payload, headers={"X-Seed": str(p.seed)})
+    return json_response(
+        payload, headers={"X-Seed": str(p.seed), "X-Model": model.id, "X-Model-Name": request.state.model}
+    )
 
 
 @router.get(
@@ -145,7 +178,7 @@ async def trajectory(
 async def animation(
     params: Annotated[AnimationParams, Query()],
     request: Request,
-    model: Model,
+    models: Models,
     gate: Gate,
     metrics: MetricsDep,
     cache: Cache,
@@ -153,6 +186,7 @@ async def animation(
     _if_none_match: IfNoneMatch = None,
     _if_range: IfRange = None,
 ) -> Response:
+    model = choose(models, request, params.model)
     size = even(params.size)
     if params.process == "forward":
         for name in ("sampler", "spacing", "eta"):
@@ -160,15 +194,15 @@ async def animation(
                 raise SamplerError(name, f"{name} does not apply to process=forward (it uses n, steps and seed)")
         fp = forward_plan(model, params.n, params.steps, params.seed)
         request.state.sampler = "forward"
-        key = f"{model.id}|forward|{fp.levels}|{fp.seed}|{fp.n}|{params.fps}|{size}"
+        key = animation_key(model.id, "forward", fp.levels, fp.seed, fp.n, params.fps, size)
         seed = fp.seed
     else:
         p = plan(model, params)
         request.state.sampler = p.spec.name
-        key = f"{model.id}|reverse|{p.key()}|{p.seed}|{p.n}|{params.fps}|{size}"
+        key = animation_key(model.id, "reverse", p.key(), p.seed, p.n, params.fps, size)
         seed = p.seed
-    etag = f'"{hashlib.sha256(key.encode()).hexdigest()[:32]}"'
-    headers = {"X-Seed": str(seed)}
+    tag = etag(key)
+    headers = {"X-Seed": str(seed), "X-Model": model.id, "X-Model-Name": request.state.model}
     if not_modified(request, None):  # "If-None-Match: *": this URL always has a representation; no need to render
         return Response(status_code=304, headers=headers if params.seed is not None else {})
     if params.seed is None:
@@ -177,8 +211,8 @@ async def animation(
         headers["Cache-Control"] = "no-store"
     else:
         headers["Cache-Control"] = "public, max-age=86400, immutable"  # deterministic given all parameters
-        if not_modified(request, etag):
-            return Response(status_code=304, headers={**headers, "ETag": etag})
+        if not_modified(request, tag):
+            return Response(status_code=304, headers={**headers, "ETag": tag})
 
     async def render() -> bytes:
         if params.process == "forward":
@@ -191,7 +225,7 @@ async def animation(
 
     data, cached = await cache.get_or_render(key, render)
     headers["X-Cache"] = "hit" if cached else "miss"
-    return ranged_response(request, data, "video/mp4", etag, headers)
+    return ranged_response(request, data, "video/mp4", tag, headers)
 
 
 @router.get(
@@ -202,20 +236,27 @@ async def animation(
     responses={200: {"content": {"application/x-npy": {}}}, 422: {}, **UNAUTHORIZED, **BUSY},
 )
 async def forward(
-    params: Annotated[ForwardParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
+    params: Annotated[ForwardParams, Query()], request: Request, models: Models, gate: Gate, metrics: MetricsDep
 ) -> Response:
+    model = choose(models, request, params.model)
     p = forward_plan(model, params.n, params.steps, params.seed)
     request.state.sampler = "forward"
     frames, timing = await run_forward(gate, model, p, request.is_disconnected)
     _record(metrics, "/forward", "forward", p.n, timing)
     elapsed_ms = round(timing.compute_s * 1000, 2)
-    headers = {"X-Seed": str(p.seed), "X-Model": model.id, "X-Elapsed-Ms": str(elapsed_ms)}
+    headers = {
+        "X-Seed": str(p.seed),
+        "X-Model": model.id,
+        "X-Model-Name": request.state.model,
+        "X-Elapsed-Ms": str(elapsed_ms),
+    }
     if params.format == "npy":
         return npy_response(frames, {**headers, "X-Levels": ",".join(map(str, p.levels))}, params.dtype)
     ab = model.denoiser.alphas_cumprod
     payload = {
         **p.describe(),
         "model": model.id,
+        "model_name": request.state.model,
         "elapsed_ms": elapsed_ms,
         "levels": list(p.levels),  # frames[k] is at levels[k - 1]; frames[0] is the data
         "alphas_cumprod": [round(ab[t], 8) for t in p.levels],
@@ -233,8 +274,9 @@ async def forward(
     responses={422: {}, **UNAUTHORIZED, **BUSY},
 )
 async def field(
-    params: Annotated[FieldParams, Query()], request: Request, model: Model, gate: Gate, metrics: MetricsDep
+    params: Annotated[FieldParams, Query()], request: Request, models: Models, gate: Gate, metrics: MetricsDep
 ) -> Response:
+    model = choose(models, request, params.model)
     t = check_level(model, params.t)
     request.state.sampler = "field"
     f, timing = await run_field(gate, model, t, params.grid, params.extent, request.is_disconnected)
@@ -247,6 +289,7 @@ async def field(
         "alpha_bar": ab,
         "sigma": (1 - ab) ** 0.5,  # score = -eps / sigma
         "model": model.id,
+        "model_name": request.state.model,
         "elapsed_ms": round(timing.compute_s * 1000, 2),
         "points": f.points,  # point k = (xs[k % grid], ys[k // grid]), xs = ys = linspace(-extent, extent, grid)
         "eps": f.eps,
@@ -255,62 +298,56 @@ async def field(
     return json_response(payload)
 
 
-@router.get("/samplers", summary="The samplers this server offers, with their steps and parameters", tags=["model"])
-async def samplers(model: Model) -> list[dict]:
-    T = model.denoiser.num_timesteps
-    quality = model.metadata.get("quality", {}).get("samplers", {})
-    tuned = model.denoiser.tuned_timesteps
-    return [
-        {
-            "name": s.name,
-            "description": s.description,
-            "paper": s.paper,
-            "steps": {"min": 1, "max": T, "default": s.steps_default(T)},
-            # steps -> levels: used by default at these step counts (spacing=tuned), trailing spacing elsewhere
-            "tuned_timesteps": {str(k): list(v) for k, v in sorted(tuned.get(s.name, {}).items())},
-            "params": {
-                k: {"default": d, "min": lo, "max": hi, "description": desc}
-                for k, (d, lo, hi, desc) in s.params.items()
-            },
-            "stochastic": s.stochastic,
-            "quality": quality.get(s.name),
-        }
-        for s in SAMPLERS.values()
-    ]
+@router.get(
+    "/samplers",
+    summary="The samplers a model offers (default: the default model), with their steps, schedules and parameters",
+    tags=["model"],
+    responses={422: {}},
+)
+async def samplers(params: Annotated[ModelChoice, Query()], request: Request, models: Models) -> list[dict]:
+    return samplers_of(choose(models, request, params.model))
 
 
-def without_paths(value):
-    """Metadata as served: any absolute path (e.g. where the trainer wrote the file) reduced to its file name."""
-    if isinstance(value, dict):
-        return {k: without_paths(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [without_paths(v) for v in value]
-    if isinstance(value, str) and (value.startswith(("/", "~", "\\\\")) or value[1:3] in (":\\", ":/")):
-        return PurePath(value.replace("\\", "/")).name
-    return value
+# Behind the key when keys are set: the training environment (torch and Python versions, device) is not for
+# anonymous callers. No absolute paths, ever: file names only.
+@router.get(
+    "/models",
+    dependencies=[Depends(require_api_key)],
+    summary="Every served model (name, id, device, default, load time, metadata summary) and files that failed",
+    tags=["model"],
+    responses=UNAUTHORIZED,
+)
+async def models_listing(models: Models) -> dict:
+    return listing(models)
+
+
+@router.get(
+    "/models/{name}",
+    dependencies=[Depends(require_api_key)],
+    summary="One served model in full: summary, samplers, threads, CUDA fast path, metadata",
+    tags=["model"],
+    responses={404: {"description": "no such model"}, **UNAUTHORIZED},
+)
+async def model_by_name(
+    name: Annotated[str, Path(max_length=200, description="a model name from /models")],
+    request: Request,
+    models: Models,
+) -> dict:
+    if name not in models.models:
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        raise HTTPException(404, f"no model {shown!r}; served models: {', '.join(models.names())}")
+    return details(models.models[name], name == models.default, request.app.state.threads)
 
 
 @router.get(
     "/model",
     dependencies=[Depends(require_api_key)],
-    summary="The loaded checkpoint: id, file name, device, metadata (needs the API key when keys are set)",
+    summary="The default model in full (as /models/{default}); needs the API key when keys are set",
     tags=["model"],
     responses=UNAUTHORIZED,
 )
-async def model_info(model: Model, request: Request) -> dict:
-    # Behind the key when keys are set: the training environment (torch and Python versions, device) is not for
-    # anonymous callers. No absolute paths, ever: the file's name only.
-    return {
-        "id": model.id,
-        "file": model.path.name,
-        "device": str(model.device),
-        # torch threads, why that many (SWISSROLL_TORCH_THREADS, affinity mask or cgroup quota), and how a job uses them
-        "threads": request.app.state.threads,
-        "num_timesteps": model.denoiser.num_timesteps,
-        "prediction_type": model.denoiser.prediction_type,
-        "cuda_fast_path": model.fast_path.describe() if model.fast_path is not None else None,
-        "metadata": without_paths(model.metadata),
-    }
+async def model_info(models: Models, request: Request) -> dict:
+    return details(models.served(), True, request.app.state.threads)
 
 
 @router.get("/healthz", summary="Liveness: the process answers", tags=["ops"])

@@ -6,6 +6,7 @@ from typing import Annotated, Literal, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field
 
 from diffusion.samplers import SAMPLERS, SPACINGS
+from service.model_repository import NAME_PATTERN
 
 SamplerName = StrEnum("SamplerName", {name: name for name in SAMPLERS})
 
@@ -30,10 +31,19 @@ NpyDType = Annotated[
 ]
 
 
-class SamplerChoice(BaseModel):
+class ModelChoice(BaseModel):
     # Unknown query parameters are errors, not silently ignored typos.
     model_config = ConfigDict(extra="forbid")
 
+    model: str | None = Field(
+        None,
+        pattern=NAME_PATTERN,
+        description="a served model's name (see /models); omitted: the default model",
+        examples=["swissroll", "swissroll-seed"],
+    )
+
+
+class SamplerChoice(ModelChoice):
     sampler: SamplerName = Field(
         SamplerName.ddpm, description="sampling algorithm (see /samplers)", examples=["ddpm", "dpmpp_2m"]
     )
@@ -87,9 +97,7 @@ class AnimationParams(SamplerChoice):
     )
 
 
-class ForwardParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ForwardParams(ModelChoice):
     n: int = Field(1000, ge=1, le=FORWARD_N_MAX, description="number of data points", examples=[2000])
     steps: int | None = Field(
         None,
@@ -109,9 +117,7 @@ class ForwardParams(BaseModel):
     dtype: NpyDType = "float32"
 
 
-class FieldParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FieldParams(ModelChoice):
     t: int = Field(..., ge=0, le=STEPS_MAX - 1, description="level, 0..T-1 of the model", examples=[20])
     grid: int = Field(24, ge=2, le=FIELD_GRID_MAX, description="grid points per side", examples=[24])
     extent: float = Field(
@@ -120,6 +126,7 @@ class FieldParams(BaseModel):
 
 
 PARAMS_BY_PATH: dict[str, type[BaseModel]] = {
+    "/samplers": ModelChoice,
     "/sample": SampleParams,
     "/trajectory": TrajectoryParams,
     "/animation": AnimationParams,

@@ -8,11 +8,23 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.model_repository import NAME_PATTERN
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SWISSROLL_", extra="forbid")
 
-    checkpoint: Path = Field(Path("checkpoints/swissroll.pt"), description="TorchScript checkpoint to serve")
+    # Every *.pt file in models_dir is a model named by its file stem (service/model_repository.py).
+    models_dir: Path = Field(Path("checkpoints"), description="directory of checkpoints; each *.pt is a model")
+    default_model: str = Field(
+        "swissroll", pattern=NAME_PATTERN, description="the model a request without model= gets; must load at start"
+    )
+    # One file instead of a directory (the setting of earlier versions): a repository of that one model, named by
+    # its stem and default; models_dir and default_model are then not used.
+    checkpoint: Path | None = Field(None, description="serve only this checkpoint file (instead of models_dir)")
+    reload_poll_s: float = Field(
+        2.0, ge=0, le=3600, description="check models_dir for new, replaced or removed files this often; 0 = off"
+    )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -63,6 +75,12 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         1000, ge=1, le=1_000_000, description="open connections; beyond it a new one gets 503 and is closed"
     )
+
+    def default_model_name(self) -> str:
+        return self.checkpoint.stem if self.checkpoint is not None else self.default_model
+
+    def default_model_path(self) -> Path:
+        return self.checkpoint if self.checkpoint is not None else self.models_dir / f"{self.default_model}.pt"
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -1,9 +1,22 @@
 """Rendered animations, kept in a bounded LRU by bytes; identical concurrent requests render once."""
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 import anyio
+
+
+def animation_key(model_id: str, process: str, computation, seed: int, n: int, fps: int, size: int) -> str:
+    """Names one video: the model (its checkpoint id: another model's video of the same request differs), the
+    process and what decides it (Plan.key() for the reverse process, the levels for the forward one), the seed,
+    n and the encoding."""
+    return f"{model_id}|{process}|{computation}|{seed}|{n}|{fps}|{size}"
+
+
+def etag(key: str) -> str:
+    """The strong ETag of the video `key` names (the key itself may be long, and shows the model id)."""
+    return f'"{hashlib.sha256(key.encode()).hexdigest()[:32]}"'
 
 
 class VideoCache:

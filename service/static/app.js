@@ -14,7 +14,7 @@
 
   const $ = (id) => document.getElementById(id);
   const el = {
-    form: $("controls"), sampler: $("sampler"), samplerInfo: $("sampler-info"),
+    form: $("controls"), model: $("model"), modelInfo: $("model-info"), sampler: $("sampler"), samplerInfo: $("sampler-info"),
     steps: $("steps"), stepsHint: $("steps-hint"), n: $("n"), seed: $("seed"), seedHint: $("seed-hint"),
     eta: $("eta"), etaField: $("eta-field"), etaHint: $("eta-hint"), run: $("run"), busy: $("busy"),
     error: $("error"), canvas: $("canvas"), play: $("play"), slider: $("slider"), speed: $("speed"),
@@ -28,6 +28,7 @@
   const ctx = el.canvas.getContext("2d");
 
   const state = {
+    models: new Map(), // name -> /models summary
     samplers: new Map(),
     stepsTouched: false, // the user typed a step count: keep it (clamped) across sampler changes
     controller: null, // AbortController of the /trajectory request in flight
@@ -214,7 +215,7 @@
 
   function readQuery() {
     const s = current();
-    const q = { sampler: el.sampler.value };
+    const q = { model: el.model.value, sampler: el.sampler.value };
     const n = el.n.value.trim();
     const steps = el.steps.value.trim();
     const seed = el.seed.value.trim();
@@ -257,6 +258,7 @@
       delete query.include_x0;
       state.run = {
         query,
+        model: query.model,
         seed,
         sampler: resp.headers.get("X-Sampler"),
         steps: timesteps.length,
@@ -326,7 +328,7 @@
   }
 
   async function loadForward(run, signal) {
-    const q = { n: run.n, steps: run.steps, seed: run.seed };
+    const q = { model: run.model, n: run.n, steps: run.steps, seed: run.seed };
     const { resp, npy } = await getNpy("/forward", q, signal);
     const levels = (resp.headers.get("X-Levels") || "").split(",").filter(Boolean).map(Number);
     if (state.run !== run) return;
@@ -343,7 +345,7 @@
   async function loadQuality(run, signal) {
     if (state.run !== run || !state.real) return;
     const other = String((BigInt(run.seed) + 1n) % 2n ** 63n);
-    const floor = await getNpy("/forward", { n: run.n, steps: 1, seed: other }, signal);
+    const floor = await getNpy("/forward", { model: run.model, n: run.n, steps: 1, seed: other }, signal);
     if (state.run !== run) return;
     showQuality(run, floor.npy.data.subarray(0, run.n * 2));
   }
@@ -626,10 +628,12 @@
 
   function ensureField(t) {
     if (!state.fieldRequests.has(t)) {
+      const fields = state.fields; // replaced when the model changes: a late answer lands in the old one
       const request = (async () => {
         try {
-          const body = await (await apiGet("/field", { t, grid: FIELD.grid, extent: FIELD.extent })).json();
-          state.fields.set(t, { points: body.points, eps: body.eps });
+          const q = { model: el.model.value, t, grid: FIELD.grid, extent: FIELD.extent };
+          const body = await (await apiGet("/field", q)).json();
+          fields.set(t, { points: body.points, eps: body.eps });
           if (el.showField.checked && activeFrames() && frameLevel(state.frame) === t) draw();
         } catch (e) {
           state.fieldRequests.delete(t);
@@ -721,7 +725,7 @@
 
   function updateLegend() {
     const forward = state.mode === "forward";
-    el.ptsLabel.textContent = forward ? "noised data" : "samples";
+    el.ptsLabel.textContent = forward ? "noised data" : `samples · ${(state.run && state.run.model) || el.model.value}`;
     const real = el.compare.value !== "off";
     el.realItem.hidden = !real;
     el.x0Item.hidden = !(el.showX0.checked && !forward);
@@ -813,9 +817,9 @@
     const run = state.run;
     // The same levels as the run on screen (tuned or trailing), so the video shows exactly that run.
     if (state.mode === "forward") {
-      return `/animation?${new URLSearchParams({ process: "forward", n: run.n, steps: run.steps, seed: run.seed, fps: MP4.fps, size: MP4.size })}`;
+      return `/animation?${new URLSearchParams({ process: "forward", model: run.model, n: run.n, steps: run.steps, seed: run.seed, fps: MP4.fps, size: MP4.size })}`;
     }
-    const q = { n: run.n, sampler: run.sampler, steps: run.steps, spacing: run.spacing, seed: run.seed, fps: MP4.fps, size: MP4.size };
+    const q = { model: run.model, n: run.n, sampler: run.sampler, steps: run.steps, spacing: run.spacing, seed: run.seed, fps: MP4.fps, size: MP4.size };
     if (run.eta !== undefined) q.eta = run.eta;
     return `/animation?${new URLSearchParams(q)}`;
   }
@@ -856,6 +860,10 @@
 
   el.form.addEventListener("submit", (e) => {
     e.preventDefault();
+    runTrajectory();
+  });
+  el.model.addEventListener("change", async () => {
+    await selectModel(el.model.value, el.sampler.value);
     runTrajectory();
   });
   el.sampler.addEventListener("change", () => {
@@ -920,10 +928,43 @@
       state.stepsTouched = true;
     }
     resizeCanvas();
-    const model = apiGet("/model")
+    try {
+      const listing = await (await apiGet("/models")).json();
+      populateModels(listing, initial.get("model"));
+    } catch (e) {
+      showError(`Could not load the model list: ${e.message}`);
+      el.model.replaceChildren(new Option("unavailable"));
+      return;
+    }
+    if (await selectModel(el.model.value, initial.get("sampler") || "ddpm")) runTrajectory();
+  }
+
+  function populateModels(listing, preferred) {
+    state.models = new Map(listing.models.map((m) => [m.name, m]));
+    el.model.replaceChildren(
+      ...listing.models.map((m) => {
+        const opt = new Option(m.default ? `${m.name} (default)` : m.name, m.name);
+        opt.title = `${m.file} · ${m.id.slice(0, 12)}`;
+        return opt;
+      }),
+    );
+    el.model.value = state.models.has(preferred) ? preferred : listing.default;
+    el.model.disabled = listing.models.length < 2;
+  }
+
+  // The chosen model's samplers (what they support depends on the model) and its data reference.
+  async function selectModel(name, preferredSampler) {
+    const m = state.models.get(name);
+    el.modelInfo.textContent = m
+      ? `${m.preset || "custom"} network · ${m.prediction_type}-prediction · T = ${m.num_timesteps} · ${m.id.slice(0, 12)}`
+      : "";
+    state.fields = new Map();
+    state.fieldRequests = new Map();
+    const details = apiGet(`/models/${encodeURIComponent(name)}`)
       .then((r) => r.json())
-      .then((m) => {
-        state.ref = buildReference(m.metadata && m.metadata.data);
+      .then((full) => {
+        if (el.model.value !== name) return;
+        state.ref = buildReference(full.metadata && full.metadata.data);
         el.refLabel.textContent = state.ref ? "training data (reference)" : "no data reference";
         state.background = null;
         draw();
@@ -932,15 +973,16 @@
         el.refLabel.textContent = "no data reference";
       });
     try {
-      const list = await (await apiGet("/samplers")).json();
-      populateSamplers(list, initial.get("sampler") || "ddpm");
+      const list = await (await apiGet("/samplers", { model: name })).json();
+      populateSamplers(list, preferredSampler);
     } catch (e) {
       showError(`Could not load the sampler list: ${e.message}`);
       el.sampler.replaceChildren(new Option("unavailable"));
-      return;
+      return false;
     }
-    await model;
-    runTrajectory();
+    updateLegend();
+    await details;
+    return true;
   }
 
   init();

@@ -132,7 +132,7 @@ def test_api_port_host_and_settings(which, request):
     assert settings.port == DEFAULT_PORT  # the image's EXPOSE and HEALTHCHECK use the default
     container_ports = [str(p).rsplit(":", 1)[-1].split("/")[0] for p in api["ports"]]
     assert container_ports == [str(DEFAULT_PORT)]
-    assert settings.checkpoint.is_absolute()
+    assert settings.checkpoint is None and settings.models_dir.is_absolute()  # a directory of models, not one file
 
 
 @pytest.mark.parametrize("which", ["gpu", "cpu"])
@@ -159,12 +159,15 @@ def test_api_restarts_and_drains(which, request):
 
 
 @pytest.mark.parametrize("which", ["gpu", "cpu"])
-def test_checkpoint_mounted_read_only(which, request):
+def test_models_directory_mounted_read_only(which, request):
     api = request.getfixturevalue(which)["services"]["api"]
-    checkpoint = PurePosixPath(swissroll_settings(api).checkpoint)
-    source, mode = volume(api, str(checkpoint.parent))
+    settings = swissroll_settings(api)
+    source, mode = volume(api, str(PurePosixPath(settings.models_dir)))
     assert mode == "ro"
-    assert (REPO / source / checkpoint.name).is_file()  # the committed checkpoint is what gets served
+    # the committed checkpoints are what gets served: the default among them, and a reload interval that is on
+    assert (REPO / source / f"{settings.default_model}.pt").is_file()
+    assert len(list((REPO / source).glob("*.pt"))) >= 2
+    assert settings.reload_poll_s > 0
 
 
 def test_train_profile_writes_into_the_mounted_checkpoints(gpu, monkeypatch):

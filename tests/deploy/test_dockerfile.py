@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 DEFAULT_PORT = Settings.model_fields["port"].default
-DEFAULT_CHECKPOINT = Settings.model_fields["checkpoint"].default
+MODELS_DIR = Settings.model_fields["models_dir"].default
+DEFAULT_MODEL = Settings.model_fields["default_model"].default
 
 
 def parse_dockerfile(text: str) -> list[tuple[str, str]]:
@@ -206,14 +207,22 @@ def test_dependency_extraction_snippets_produce_pyproject_requirements(instructi
     assert outputs[1] == project["optional-dependencies"]["train"]
 
 
-def test_committed_checkpoint_is_baked_in_where_the_settings_look(instructions, env):
+def test_committed_models_are_baked_in_where_the_settings_look(instructions, env):
     copies = [args.split() for k, args in instructions if k == "COPY" and "checkpoints/" in args]
     assert len(copies) == 1
     src, dest = copies[0][-2:]
-    assert (REPO / src).is_file() and src == str(DEFAULT_CHECKPOINT)
+    baked = sorted(p.name for p in REPO.glob(src))
+    assert f"{DEFAULT_MODEL}.pt" in baked and len(baked) >= 2, baked  # the default and the seed model at least
+    assert "SWISSROLL_CHECKPOINT" not in env  # a one-file setting would hide every model but one
     workdir = Path(only(instructions, "WORKDIR"))
-    assert Path(env.get("SWISSROLL_CHECKPOINT", workdir / DEFAULT_CHECKPOINT)) == Path(dest)
-    assert Path(dest) == workdir / DEFAULT_CHECKPOINT
+    assert Path(env.get("SWISSROLL_MODELS_DIR", workdir / MODELS_DIR)) == Path(dest)
+
+
+def test_every_python_package_is_copied_into_the_image(instructions):
+    """pip install of the copied source needs every package pyproject.toml lists (a missing one fails the build)."""
+    packages = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    copied = {args.split()[0] for k, args in instructions if k == "COPY" and args.split()[-1].startswith("/tmp/src/")}
+    assert packages <= copied, (packages, copied)
 
 
 def dockerignore_excludes(path: str, patterns: list[str]) -> bool:

@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.render import HOLD_SECONDS
-from service.video_cache import VideoCache
-from tests.utils.checkpoints import TINY_T, make_settings
+from service.video_cache import VideoCache, animation_key, etag
+from tests.utils.checkpoints import TINY_T, make_settings, write_tiny_checkpoint
 
 URL = "/animation?n=300&steps=5&seed=3&fps=8&size=241"
 
@@ -135,3 +135,15 @@ def test_cache_is_bounded_lru():
 
 async def _bytes(key):
     return key.encode() * 100
+
+
+def test_another_model_gives_another_etag_for_the_same_url(video, tmp_path):
+    # The same request to a server holding another checkpoint is another video: neither its cache entry nor its
+    # ETag may be the first model's (a client's If-None-Match must not get a 304 for the other model's video).
+    other = write_tiny_checkpoint(tmp_path / "other.pt", model={"preset": "tiny-other"})
+    with TestClient(create_app(make_settings(other, warmup=False))) as c:
+        r = c.get(URL, headers={"If-None-Match": video.headers["etag"]})
+        assert r.status_code == 200 and r.headers["etag"] != video.headers["etag"]
+    for process, computation in [("reverse", ("ddpm", (9, 5), ())), ("forward", (3, 9))]:
+        keys = {animation_key(model, process, computation, 3, 300, 8, 240) for model in ("id-a", "id-b")}
+        assert len(keys) == 2 and len({etag(k) for k in keys}) == 2

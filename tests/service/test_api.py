@@ -71,7 +71,7 @@ def test_json_points_round_trip_float32_exactly(client):
         ("seed=abc", "seed", "0..9223372036854775807"),
         ("seed=-1", "seed", "0..9223372036854775807"),
         ("format=xml", "format", "'json' or 'npy'"),
-        ("colour=red", "colour", "valid parameters: eta, format, n, sampler, seed, spacing, steps"),
+        ("colour=red", "colour", "valid parameters: eta, format, model, n, sampler, seed, spacing, steps"),
     ],
 )
 def test_bad_input_is_422_naming_the_parameter_and_the_allowed_values(client, query, param, expect):
@@ -175,8 +175,9 @@ def test_metrics(client):
     client.get("/sample?n=7&sampler=dpmpp_2m&seed=1")
     client.get("/sample?n=0")
     text = client.get("/metrics").text
-    assert 'swissroll_requests_total{endpoint="/sample",sampler="dpmpp_2m",status="200"}' in text
-    assert 'swissroll_requests_total{endpoint="/sample",sampler="",status="422"}' in text
+    # the model label is the served model's name (the tiny checkpoint's file stem), empty before one was chosen
+    assert 'swissroll_requests_total{endpoint="/sample",model="tiny",sampler="dpmpp_2m",status="200"}' in text
+    assert 'swissroll_requests_total{endpoint="/sample",model="",sampler="",status="422"}' in text
     assert 'swissroll_request_seconds_bucket{endpoint="/sample"' in text
     assert 'swissroll_points_generated_total{sampler="dpmpp_2m"}' in text
     assert "swissroll_queue_wait_seconds_count" in text
@@ -187,7 +188,7 @@ def test_metrics(client):
 def test_openapi_documents_bounds_and_examples(client):
     spec = client.get("/openapi.json").json()
     params = {p["name"]: p for p in spec["paths"]["/sample"]["get"]["parameters"]}
-    assert set(params) == {"sampler", "steps", "spacing", "seed", "eta", "n", "format"}
+    assert set(params) == {"model", "sampler", "steps", "spacing", "seed", "eta", "n", "format"}
     assert params["n"]["schema"]["maximum"] == 100_000 and params["n"]["schema"]["minimum"] == 1
     assert all(p.get("examples") or p["schema"].get("examples") for p in params.values())
     assert client.get("/docs").status_code == 200

@@ -156,5 +156,5 @@ def test_served_points_with_two_block_threads_equal_the_sampler_alone(tiny_check
         assert app.state.gate.blocks is not None and app.state.gate.blocks.threads == 2
         for name in ("ddpm", "dpmpp_2m"):
             body = client.get(f"/sample?n=1000&sampler={name}&seed=5").json()
-            direct = sample(app.state.model.denoiser, name, 1000, torch.Generator().manual_seed(5))
+            direct = sample(app.state.models.get().denoiser, name, 1000, torch.Generator().manual_seed(5))
             assert torch.equal(torch.tensor(body["points"], dtype=torch.float32), direct)

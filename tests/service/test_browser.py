@@ -231,6 +231,27 @@ def test_page_animates_trajectory_and_reports_errors(page, server):
     page.unroute("**/trajectory?*")
 
 
+def test_model_selector_switches_model_and_legend(page, server):
+    listing = json.loads(_get(server + "/models")[1])
+    _open(page, server)
+    names = [m["name"] for m in listing["models"]]
+    assert page.eval_on_selector_all("#model option", "opts => opts.map(o => o.value)") == names
+    assert page.input_value("#model") == listing["default"]
+    assert page.inner_text("#pts-label") == f"samples · {listing['default']}"
+    other = next(name for name in names if name != listing["default"])  # the committed seed model at least
+    samplers_request = page.expect_request(lambda r: f"/samplers?model={other}" in r.url)
+    trajectory = page.expect_response(lambda r: "/trajectory?" in r.url and f"model={other}" in r.url)
+    with samplers_request, trajectory as resp:
+        page.select_option("#model", other)
+    assert resp.value.status == 200
+    assert resp.value.headers["x-model"] == next(m["id"] for m in listing["models"] if m["name"] == other)
+    page.wait_for_function(f"document.getElementById('pts-label').textContent === 'samples · {other}'")
+    assert f"model={other}" in page.url  # the shared URL keeps the model
+    # the field overlay asks the chosen model too
+    with page.expect_request(lambda r: "/field?" in r.url and f"model={other}" in r.url):
+        page.check("#show-field")
+
+
 def test_page_at_phone_width(page, server):
     page.set_viewport_size({"width": 375, "height": 740})
     _open(page, server)

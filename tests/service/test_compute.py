@@ -25,9 +25,10 @@ def test_queue_full_is_refused_at_once_with_retry_after():
         async with anyio.create_task_group() as tg:
             for _ in range(4):
                 tg.start_soon(submit)
-                await anyio.sleep(0.05)
-            await anyio.sleep(0.1)
-            assert outcomes.count(("503", outcomes[0][1] if outcomes else 1)) == 2 or len(outcomes) == 2
+                # A barrier, not a pause: this submission has run, or is blocked in the gate, before the next one.
+                await anyio.wait_all_tasks_blocked()
+            # The first runs, the second waits: the third and fourth were refused at once, before any release.
+            assert len(outcomes) == 2 and all(o[0] == "503" for o in outcomes), outcomes
             release.set()
         return outcomes
 
@@ -43,7 +44,7 @@ def test_cannot_start_before_deadline_is_503():
         release = threading.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(gate.run, lambda job: release.wait(2))
-            await anyio.sleep(0.05)
+            await anyio.wait_all_tasks_blocked()  # the first job has the only slot
             with pytest.raises(Overloaded, match="could not start within"):
                 await gate.run(lambda job: None)
             release.set()
@@ -71,7 +72,7 @@ def test_running_past_deadline_is_abandoned_at_a_step_boundary():
         gate = ComputeGate(max_concurrency=1, max_queue=0, timeout_s=0.1)
         with pytest.raises(DeadlineExceeded):
             await gate.run(work)
-        assert gate.running == 0 and gate.waiting == 0
+        assert not gate.busy(), "nothing left running or waiting"
         # The slot was freed: the next job runs.
         result, timing = await gate.run(lambda job: 42)
         assert result == 42 and timing.queue_s < 0.05
@@ -126,3 +127,29 @@ def test_a_cancelled_caller_stops_its_worker_at_the_next_step():
     anyio.run(main)
     assert finished.wait(10)
     assert outcome != ["ran to the end"] and outcome[0] < 100
+
+
+def test_run_reserves_the_points_of_its_job_and_releases_them_however_it_ends():
+    async def main():
+        gate = ComputeGate(max_concurrency=2, max_queue=4, timeout_s=10, max_points=100)
+        release = threading.Event()
+
+        def fail(job):
+            raise ValueError("the work failed")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: gate.run(lambda job: release.wait(5), points=60))
+            await anyio.wait_all_tasks_blocked()  # the first job holds its 60 points
+            with pytest.raises(Overloaded, match="60 points in flight, limit 100"):
+                await gate.run(lambda job: None, points=41)
+            assert (await gate.run(lambda job: "fits", points=40))[0] == "fits"
+            release.set()
+        with pytest.raises(ValueError):
+            await gate.run(fail, points=100)
+        # Everything was given back: the whole budget is free again.
+        assert (await gate.run(lambda job: "all", points=100))[0] == "all"
+        with gate.admit(100), pytest.raises(Overloaded), gate.admit(1):
+            pass  # a batched request's own share (Batcher.sample) counts against the same bound
+        assert not gate.busy()
+
+    anyio.run(main)

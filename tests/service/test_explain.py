@@ -60,7 +60,7 @@ def test_forward_npy_matches_json_and_is_the_closed_form(real_client):
     assert r.headers["x-levels"] == ",".join(map(str, js["levels"])) and r.headers["x-seed"] == "11"
     np.testing.assert_allclose(frames, np.asarray(js["frames"]), atol=6e-4)  # JSON keeps 3 decimals
     # x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps with one eps per point at every level
-    ab = np.asarray(real_client.app.state.model.denoiser.alphas_cumprod)[js["levels"]]
+    ab = np.asarray(real_client.app.state.models.get().denoiser.alphas_cumprod)[js["levels"]]
     eps = (frames[1:] - np.sqrt(ab)[:, None, None] * frames[:1]) / np.sqrt(1 - ab)[:, None, None]
     np.testing.assert_allclose(eps, np.broadcast_to(eps[-1], eps.shape), atol=2e-4)
     half = _npy(real_client.get("/forward?n=200&steps=8&seed=11&format=npy&dtype=float16"))
@@ -69,7 +69,7 @@ def test_forward_npy_matches_json_and_is_the_closed_form(real_client):
 
 def test_forward_first_frame_is_the_real_data(real_client):
     n = 5000
-    data = real_client.app.state.model.metadata["data"]
+    data = real_client.app.state.models.get().metadata["data"]
     real = lambda seed: fresh_real(n, data["noise"], seed, data["mean"], data["std"])  # noqa: E731
     seeds = range(4)
     first = [_npy(real_client.get(f"/forward?n={n}&steps=1&seed={s}&format=npy"))[0] for s in seeds]
@@ -127,7 +127,7 @@ def test_field_is_the_models_own_prediction_on_the_grid(client, t, grid, extent)
     assert points.shape == (grid * grid, 2)
     np.testing.assert_allclose(points[:grid, 0], axis, atol=1e-6)  # first row: x varies, y = -extent
     np.testing.assert_allclose(points[::grid, 1], axis, atol=1e-6)  # first column: y varies
-    denoiser = client.app.state.model.denoiser
+    denoiser = client.app.state.models.get().denoiser
     with torch.inference_mode():
         eps, x0 = denoiser.predict(torch.from_numpy(points), t)
     np.testing.assert_allclose(np.asarray(body["eps"]), eps.numpy(), rtol=1e-6, atol=1e-6)
@@ -153,7 +153,7 @@ def test_field_of_the_real_model_points_towards_the_data(real_client):
         ("t=1&grid=65", "grid", "2..64"),
         ("t=1&extent=0", "extent", "0.1..10"),
         ("t=1&extent=11", "extent", "0.1..10"),
-        ("t=1&n=5", "n", "extent, grid, t"),
+        ("t=1&n=5", "n", "extent, grid, model, t"),
     ],
 )
 def test_field_bounds_are_422_naming_the_parameter_and_range(client, query, param, allowed):

@@ -44,6 +44,20 @@ def read_response(s: socket.socket) -> bytes:
     return data
 
 
+def read_one_response(s: socket.socket) -> bytes:
+    """One response (head and Content-Length body), leaving the connection open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+    )
+    while len(body) < length:
+        body += s.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
 def status_of(response: bytes) -> int | None:
     line = response.split(b"\r\n", 1)[0].split()
     return int(line[1]) if len(line) > 1 and line[1].isdigit() else None
@@ -164,8 +178,12 @@ def test_02_slow_headers_time_out_and_the_connection_cap_is_visible(limited):
     s.close()
 
     # Fill the cap (8) with silent connections: the next one gets a 503 at once, and it is counted and logged.
-    idle = [connect(limited) for _ in range(8)]
-    time.sleep(0.2)
+    idle = [connect(limited) for _ in range(7)]
+    # A barrier, not a pause: the server accepts connections in order, so once the 8th has been answered it has
+    # taken all eight (the 8th then stays open, idle, like the others).
+    idle.append(connect(limited))
+    idle[-1].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status_of(read_one_response(idle[-1])) == 200
     extra = connect(limited)
     began = time.monotonic()
     extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -248,7 +266,7 @@ def test_05_sigterm_cancels_work_past_a_fractional_drain_with_503():
 
         t = threading.Thread(target=long_request)
         t.start()
-        time.sleep(0.5)
+        server.wait_until_busy(requests=1)  # in flight: whether admitted yet or not, it must end in a 503
         sent = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         server.proc.wait(10)
@@ -392,9 +410,9 @@ def test_17_queue_that_cannot_finish_in_time_is_refused_at_admission():
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(submit, 20_000_000)  # ~6 s by the estimate: beyond the 2 s deadline of anything behind it
-            await anyio.sleep(0.05)
+            await anyio.wait_all_tasks_blocked()  # barrier: the large job holds the slot
             tg.start_soon(submit, 10)
-            await anyio.sleep(0.2)
+            await anyio.wait_all_tasks_blocked()  # the small one has been answered, or is waiting for the slot
             release.set()
         return results
 
@@ -410,8 +428,14 @@ def test_17_a_waiting_job_is_refused_as_soon_as_it_cannot_start_in_time():
     async def main():
         gate = ComputeGate(max_concurrency=1, max_queue=100, timeout_s=2)
         gate.calibrate(0.01)
-        release = threading.Event()
+        release, third_answered = threading.Event(), anyio.Event()
+        first_has_slot, go = threading.Event(), threading.Event()
         results = {}
+
+        def first(job):
+            first_has_slot.set()
+            go.wait(5)
+            time.sleep(0.4)
 
         async def submit(name, cost, work):
             began = time.monotonic()
@@ -420,14 +444,20 @@ def test_17_a_waiting_job_is_refused_as_soon_as_it_cannot_start_in_time():
                 results[name] = ("ok", time.monotonic() - began)
             except Overloaded as e:
                 results[name] = (f"503 {e}", time.monotonic() - began)
+            if name == "third":
+                third_answered.set()
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(submit, "first", 1_000_000, lambda job: time.sleep(0.4))
-            await anyio.sleep(0.05)
+            # Barriers, not pauses: the first job holds the slot and the second waits behind it before the third
+            # comes; the first's 0.4 s of work starts only then (`go`).
+            tg.start_soon(submit, "first", 1_000_000, first)
+            await anyio.to_thread.run_sync(first_has_slot.wait, 5)
             tg.start_soon(submit, "second", 12_000_000, lambda job: release.wait(5))
-            await anyio.sleep(0.05)
+            await anyio.wait_all_tasks_blocked()
             tg.start_soon(submit, "third", 10, lambda job: None)
-            await anyio.sleep(1.2)
+            go.set()
+            with anyio.fail_after(5):
+                await third_answered.wait()  # the second job is held until the third has its answer
             release.set()
         return results
 

@@ -58,12 +58,17 @@ def test_sigterm_lets_the_in_flight_request_finish_then_exits_zero():
     try:
         worker = threading.Thread(target=slow_request)
         worker.start()
-        time.sleep(0.5)  # the request is in flight
+        server.wait_until_busy(requests=1, cpu_s=0.2)  # the request is in flight, computing
         signalled_at = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        with pytest.raises(httpx.TransportError):  # no new connections once draining
-            httpx.get(f"{server.url}/readyz", timeout=2)
+        refused_by = time.monotonic() + 5  # as soon as the server has handled the signal
+        while True:
+            try:
+                httpx.get(f"{server.url}/readyz", timeout=2)
+            except httpx.TransportError:
+                break  # no new connections once draining
+            assert time.monotonic() < refused_by, "still accepting connections 5 s after SIGTERM"
+            time.sleep(0.02)
         worker.join(120)
         assert result["done_at"] > signalled_at, "the request was still running when SIGTERM arrived"
         assert result["r"].status_code == 200 and result["r"].headers["content-type"] == "video/mp4"

@@ -1,0 +1,108 @@
+"""What the service says about its models: the samplers each supports, a summary per model, one model in full.
+
+One source of truth for /samplers, /models, /models/{name} and /model: what a sampler supports depends on the model
+(its T, its tuned schedules), so every listing is computed from the loaded model.
+"""
+
+from datetime import UTC, datetime
+from pathlib import PurePath
+
+from diffusion.checkpoint import LoadedModel
+from diffusion.samplers import SAMPLERS
+from service.model_repository import LoadFailure, ModelRepository, ServedModel
+
+
+def samplers_of(model: LoadedModel) -> list[dict]:
+    """Every sampler with the steps, tuned schedules, parameters and measured quality it has on this model."""
+    T = model.denoiser.num_timesteps
+    quality = model.metadata.get("quality", {}).get("samplers", {})
+    tuned = model.denoiser.tuned_timesteps
+    return [
+        {
+            "name": s.name,
+            "description": s.description,
+            "paper": s.paper,
+            "steps": {"min": 1, "max": T, "default": s.steps_default(T)},
+            # steps -> levels: used by default at these step counts (spacing=tuned), trailing spacing elsewhere
+            "tuned_timesteps": {str(k): list(v) for k, v in sorted(tuned.get(s.name, {}).items())},
+            "params": {
+                k: {"default": d, "min": lo, "max": hi, "description": desc}
+                for k, (d, lo, hi, desc) in s.params.items()
+            },
+            "stochastic": s.stochastic,
+            "quality": quality.get(s.name),
+        }
+        for s in SAMPLERS.values()
+    ]
+
+
+def without_paths(value):
+    """Metadata as served: any absolute path (e.g. where the trainer wrote the file) reduced to its file name."""
+    if isinstance(value, dict):
+        return {k: without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_paths(v) for v in value]
+    if isinstance(value, str) and (value.startswith(("/", "~", "\\\\")) or value[1:3] in (":\\", ":/")):
+        return PurePath(value.replace("\\", "/")).name
+    return value
+
+
+def _when(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="seconds")
+
+
+def summary(served: ServedModel, default: bool) -> dict:
+    """One line of /models: enough to choose a model and to see how good each sampler is on it."""
+    model, meta = served.model, served.model.metadata
+    quality = meta.get("quality", {})
+    return {
+        "name": served.name,
+        "id": model.id,
+        "file": model.path.name,
+        "device": str(model.device),
+        "default": default,
+        "loaded_at": _when(served.loaded_at),
+        "load_s": round(served.load_s, 3),
+        "preset": meta.get("model", {}).get("preset"),
+        "prediction_type": model.denoiser.prediction_type,
+        "num_timesteps": model.denoiser.num_timesteps,
+        "schedule": meta.get("schedule"),
+        "samplers": {
+            s.name: {
+                "steps": {"min": 1, "max": model.denoiser.num_timesteps},
+                "tuned_steps": sorted(model.denoiser.tuned_timesteps.get(s.name, {})),
+            }
+            for s in SAMPLERS.values()
+        },
+        "quality": {
+            "metric": quality.get("metric"),
+            "floor": quality.get("floor"),
+            "samplers": quality.get("samplers", {}),
+        },
+    }
+
+
+def failure(f: LoadFailure) -> dict:
+    return {"name": f.name, "file": f.file, "reason": f.reason, "at": _when(f.at), "still_serving": f.still_serving}
+
+
+def listing(models: ModelRepository) -> dict:
+    """GET /models."""
+    return {
+        "default": models.default,
+        "models": [summary(models.models[name], name == models.default) for name in models.names()],
+        "failures": [failure(models.failures[name]) for name in sorted(models.failures)],
+    }
+
+
+def details(served: ServedModel, default: bool, threads: dict) -> dict:
+    """GET /models/{name} (and /model for the default): everything, metadata included (paths reduced to names)."""
+    model = served.model
+    return {
+        **summary(served, default),
+        # torch threads, why that many (SWISSROLL_TORCH_THREADS, affinity mask or cgroup quota), how a job uses them
+        "threads": threads,
+        "cuda_fast_path": model.fast_path.describe() if model.fast_path is not None else None,
+        "sampler_details": samplers_of(model),
+        "metadata": without_paths(model.metadata),
+    }
