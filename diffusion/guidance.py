@@ -11,7 +11,7 @@ network output (eps or v) is the same as combining eps or x0: at fixed x both ar
 weights (1 - w) + w sum to one.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -52,6 +52,10 @@ class GuidedDenoiser(Denoiser):
         )
         # 2. The guided network output.
         return self.from_output(x, t, combine(out[:rows], out[half : half + rows], self.scale))
+
+    def rows(self, start: int, stop: int) -> "GuidedDenoiser":
+        """The same guidance for rows [start, stop) of the batch (a block of a split run, service/blocks.py)."""
+        return replace(self, condition=self.condition[start:stop])
 
 
 def guided(denoiser: Denoiser, condition: torch.Tensor, scale: float = 1.0) -> GuidedDenoiser:
