@@ -126,3 +126,9 @@ def test_guidance_is_part_of_the_batching_key(models_dir):
     model = load_model(models_dir / "c.pt", torch.device("cpu"))
     one, two = (plan(model, SampleParams(n=5, seed=1, position=0.5, guidance=g, model="c")) for g in (1.0, 2.0))
     assert one.key() != two.key()
+
+
+def test_models_say_which_take_a_condition(client):
+    by_name = {m["name"]: m for m in client.get("/models").json()["models"]}
+    assert by_name["a"]["condition"] is None
+    assert by_name["c"]["condition"]["name"] == "position" and by_name["c"]["condition"]["range"] == [0.0, 1.0]
