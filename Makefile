@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 CHECKPOINT ?= checkpoints/swissroll.pt
 
-.PHONY: serve test train train-seed train-cond lint bench-quality bench-conditional bench-speed bench-load clean
+.PHONY: serve test train train-seed train-cond lint openapi bench-quality bench-conditional bench-speed bench-load clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ serve: $(VENV)/.runtime
 test: $(VENV)/.dev
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
+
+# After changing a route, parameter or response model (or merging branches that did): refresh the committed spec.
+openapi: $(VENV)/.runtime
+	$(PY) -m service.openapi_export
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

@@ -33,6 +33,7 @@ from service.http_limits import HeaderCountLimit
 from service.jobs import plan, run_plan
 from service.metrics import Metrics
 from service.model_repository import ModelRepository
+from service.openapi import TAGS, operation_id
 from service.routes import router
 from service.schemas import PARAMS_BY_PATH, SampleParams, allowed_values
 from service.settings import Settings
@@ -212,6 +213,8 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         description="Diffusion-model sampling of the 2D Swiss roll: points, trajectories and animations.",
         lifespan=lifespan,
         dependencies=[Depends(reject_repeated_params)],
+        generate_unique_id_function=operation_id,
+        openapi_tags=TAGS,
     )
     app.state.settings = settings
     app.state.ready = False

@@ -6,6 +6,7 @@ Whatever these headers hold, the answer is a 200, 206, 304 or 416: never an erro
 
 import re
 
+import orjson
 from fastapi import Request, Response
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -13,6 +14,10 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 # Python refuses beyond 4300 digits); they only ever mean "past the end".
 _MAX_DIGITS = 18
 _HUGE = 10**_MAX_DIGITS
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def _position(digits: str) -> int:
@@ -65,7 +70,14 @@ def ranged_response(request: Request, body: bytes, media_type: str, etag: str, h
     if range_header and (if_range is None or if_range.strip() == etag):
         wanted = _wanted_range(range_header, len(body))
         if wanted == "unsatisfiable":
-            return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{len(body)}"})
+            # The body every error has (service/responses.py Error), so a client parses one shape.
+            detail = f"range not satisfiable: {clip(range_header, 100)!r}; the video has {len(body)} bytes"
+            return Response(
+                orjson.dumps({"detail": detail}),
+                status_code=416,
+                media_type="application/json",
+                headers={**headers, "Content-Range": f"bytes */{len(body)}"},
+            )
         if wanted is not None:
             start, end = wanted
             return Response(

@@ -13,6 +13,7 @@ timer while a client sends its headers; httptools bounds nothing. This subclass 
 Header count (`max_headers`) is checked by `HeaderCountLimit`, an ASGI middleware, so it holds in-process too.
 """
 
+import json
 import logging
 import time
 
@@ -24,10 +25,15 @@ from service.metrics import Metrics
 log = logging.getLogger("swissroll")
 
 
-def _plain_response(status: int, reason: str, body: str, extra: bytes = b"") -> bytes:
-    data = body.encode()
+def error_body(detail: str) -> bytes:
+    """The body every error of the service has (service/responses.py Error): {"detail": "..."}."""
+    return json.dumps({"detail": detail}).encode()
+
+
+def _error_response(status: int, reason: str, detail: str, extra: bytes = b"") -> bytes:
+    data = error_body(detail)
     return (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(data)}\r\nconnection: close\r\n".encode()
         + extra
         + b"\r\n"
@@ -67,7 +73,7 @@ def limited_h11_protocol(
             if len(self.connections) > max_connections:
                 count("max_connections")
                 refused_log(f"connection refused: {max_connections} connections open (SWISSROLL_MAX_CONNECTIONS)")
-                self._reject(503, "Service Unavailable", "too many connections; retry later\n", b"retry-after: 1\r\n")
+                self._reject(503, "Service Unavailable", "too many connections; retry later", b"retry-after: 1\r\n")
                 return
             self._arm_head_timer()
 
@@ -90,15 +96,15 @@ def limited_h11_protocol(
                 count("header_timeout")
                 slow_log(f"connection closed: request head not received within {header_timeout_s:g} s")
                 if self._head_bytes:
-                    self._reject(408, "Request Timeout", "request headers not received in time\n")
+                    self._reject(408, "Request Timeout", "request headers not received in time")
                 else:
                     self.transport.close()  # idle connection: nothing to answer
 
-        def _reject(self, status: int, reason: str, body: str, extra: bytes = b"") -> None:
+        def _reject(self, status: int, reason: str, detail: str, extra: bytes = b"") -> None:
             self._cancel_head_timer()
             self._unset_keepalive_if_required()
             if not self.transport.is_closing():
-                self.transport.write(_plain_response(status, reason, body, extra))
+                self.transport.write(_error_response(status, reason, detail, extra))
                 self.transport.close()
 
         def data_received(self, data: bytes) -> None:
@@ -111,7 +117,7 @@ def limited_h11_protocol(
                     large_log(
                         f"request refused: head larger than {max_header_bytes} bytes (SWISSROLL_MAX_HEADER_BYTES)"
                     )
-                    self._reject(431, "Request Header Fields Too Large", "request header fields too large\n")
+                    self._reject(431, "Request Header Fields Too Large", "request header fields too large")
                     return
             super().data_received(data)
             if not self._reading_head():
@@ -137,13 +143,13 @@ class HeaderCountLimit:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and len(scope["headers"]) > self.max_headers:
-            body = f"more than {self.max_headers} header fields\n".encode()
+            body = error_body(f"more than {self.max_headers} header fields")
             await send(
                 {
                     "type": "http.response.start",
                     "status": 431,
                     "headers": [
-                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"content-type", b"application/json"),
                         (b"content-length", b"%d" % len(body)),
                     ],
                 }

@@ -222,6 +222,7 @@ class ModelRepository:
     def _fail(self, name: str, path: Path, stamp: Stamp, reason: str) -> str:
         old = self.models.get(name)
         keeps = old.model.id if old is not None else None
+        reason = reason.replace(str(path), path.name)  # served by /models: file names only, never a path
         failure = LoadFailure(name, _display(path), reason[:500], time.time(), stamp, keeps)
         self.failures = {**self.failures, name: failure}
         suffix = f"; still serving {keeps[:12]}" if keeps else ""

@@ -18,7 +18,19 @@ from service.forward import forward_plan, render_forward_animation, run_forward
 from service.jobs import plan, render_animation, sample_points
 from service.metrics import Metrics
 from service.model_repository import ModelRepository
+from service.openapi import ANY_ROUTE, COMPUTE, MP4, NPY, PROMETHEUS_TEXT, binary, errors, headers, ok
 from service.render import even
+from service.responses import (
+    FieldResult,
+    ForwardResult,
+    Health,
+    ModelDetails,
+    ModelList,
+    Readiness,
+    SampleResult,
+    SamplerInfo,
+    TrajectoryResult,
+)
 from service.schemas import (
     AnimationParams,
     FieldParams,
@@ -53,11 +65,6 @@ Cache = Annotated[VideoCache, Depends(get_video_cache)]
 
 router = APIRouter()
 
-UNAUTHORIZED = {401: {"description": "missing or invalid API key (only when SWISSROLL_API_KEYS is set)"}}
-BUSY = {
-    503: {"description": "overloaded, or shutting down: retry after Retry-After seconds"},
-    504: {"description": "not finished within the request deadline"},
-}
 
 # Declared so the API docs (and the schema fuzzer) know /animation reads them; ranged_response parses them.
 RangeHeader = Annotated[str | None, Header(alias="Range", description="bytes=first-last, bytes=first- or bytes=-N")]
@@ -85,6 +92,19 @@ def check_condition(models: ModelRepository, model: LoadedModel, params) -> None
         )
 
 
+# What every /animation video response says about itself (206 adds Content-Range).
+ANIMATION_HEADERS = (
+    "X-Seed",
+    "X-Model",
+    "X-Model-Name",
+    "X-Cache",
+    "ETag",
+    "Accept-Ranges",
+    "Cache-Control",
+    "Content-Location",
+)
+
+
 def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, timing: Timing) -> None:
     metrics.points.labels(sampler).inc(n)
     metrics.queue_wait.observe(timing.queue_s)
@@ -96,7 +116,18 @@ def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, timing: Timin
     dependencies=[Depends(require_api_key)],
     summary="Sample points from the model",
     tags=["sampling"],
-    responses={200: {"content": {"application/x-npy": {}}}, 422: {}, **UNAUTHORIZED, **BUSY},
+    response_model=None,  # declared below, not validated per request: orjson writes the arrays directly
+    responses={
+        **ok(
+            SampleResult,
+            "X-Seed",
+            "X-Model",
+            "X-Model-Name",
+            "X-Elapsed-Ms",
+            media=binary(NPY, "format=npy: float32 [n, 2], NumPy .npy"),
+        ),
+        **errors(*COMPUTE),
+    },
 )
 async def sample(
     params: Annotated[SampleParams, Query()], request: Request, models: Models, gate: Gate, metrics: MetricsDep
@@ -133,7 +164,21 @@ async def sample(
     dependencies=[Depends(require_api_key)],
     summary="Every intermediate state of one sampling run (for animation)",
     tags=["sampling"],
-    responses={200: {"content": {"application/x-npy": {}}}, **UNAUTHORIZED, **BUSY},
+    response_model=None,
+    responses={
+        **ok(
+            TrajectoryResult,
+            "X-Seed",
+            "X-Model",
+            "X-Model-Name",
+            "X-Elapsed-Ms",
+            "X-Sampler",
+            "X-Spacing",
+            "X-Timesteps",
+            media=binary(NPY, "format=npy: [steps + 1, n, 2], or [2, steps + 1, n, 2] with include_x0; float32/16"),
+        ),
+        **errors(*COMPUTE),
+    },
 )
 async def trajectory(
     params: Annotated[TrajectoryParams, Query()], request: Request, models: Models, gate: Gate, metrics: MetricsDep
@@ -181,12 +226,22 @@ async def trajectory(
     tags=["sampling"],
     response_class=Response,
     responses={
-        200: {"content": {"video/mp4": {}}},
-        206: {"description": "partial content"},
-        304: {"description": "not modified"},
-        416: {"description": "range not satisfiable"},
-        **UNAUTHORIZED,
-        **BUSY,
+        **ok(
+            None,
+            *ANIMATION_HEADERS,
+            description="the whole video",
+            media=binary(MP4, "H.264 MP4, faststart"),
+        ),
+        206: {
+            "description": "the requested byte range (Range)",
+            "content": binary(MP4, "bytes first..last of the video"),
+            "headers": headers(*ANIMATION_HEADERS, "Content-Range"),
+        },
+        304: {
+            "description": "not modified (If-None-Match)",
+            "headers": headers("X-Seed", "X-Model", "X-Model-Name", "ETag", "Cache-Control"),
+        },
+        **errors(416, *COMPUTE),
     },
 )
 async def animation(
@@ -251,7 +306,19 @@ async def animation(
     dependencies=[Depends(require_api_key)],
     summary="The forward (noising) process on real data: frames from the data to noise, with the model's schedule",
     tags=["explain"],
-    responses={200: {"content": {"application/x-npy": {}}}, 422: {}, **UNAUTHORIZED, **BUSY},
+    response_model=None,
+    responses={
+        **ok(
+            ForwardResult,
+            "X-Seed",
+            "X-Model",
+            "X-Model-Name",
+            "X-Elapsed-Ms",
+            "X-Levels",
+            media=binary(NPY, "format=npy: [steps + 1, n, 2] (data, then each level); float32/16"),
+        ),
+        **errors(*COMPUTE),
+    },
 )
 async def forward(
     params: Annotated[ForwardParams, Query()], request: Request, models: Models, gate: Gate, metrics: MetricsDep
@@ -289,7 +356,8 @@ async def forward(
     dependencies=[Depends(require_api_key)],
     summary="The learned field at one level: predicted noise and clean point on a regular grid (quiver plots)",
     tags=["explain"],
-    responses={422: {}, **UNAUTHORIZED, **BUSY},
+    response_model=None,
+    responses={**ok(FieldResult, "X-Model", "X-Model-Name"), **errors(*COMPUTE)},
 )
 async def field(
     params: Annotated[FieldParams, Query()], request: Request, models: Models, gate: Gate, metrics: MetricsDep
@@ -313,14 +381,15 @@ async def field(
         "eps": f.eps,
         "x0": f.x0,
     }
-    return json_response(payload)
+    return json_response(payload, headers={"X-Model": model.id, "X-Model-Name": request.state.model})
 
 
 @router.get(
     "/samplers",
     summary="The samplers a model offers (default: the default model), with their steps, schedules and parameters",
     tags=["model"],
-    responses={422: {}},
+    response_model=None,
+    responses={**ok(list[SamplerInfo]), **errors(*ANY_ROUTE)},
 )
 async def samplers(params: Annotated[ModelChoice, Query()], request: Request, models: Models) -> list[dict]:
     return samplers_of(choose(models, request, params.model))
@@ -333,7 +402,9 @@ async def samplers(params: Annotated[ModelChoice, Query()], request: Request, mo
     dependencies=[Depends(require_api_key)],
     summary="Every served model (name, id, device, default, load time, metadata summary) and files that failed",
     tags=["model"],
-    responses=UNAUTHORIZED,
+    name="models",
+    response_model=None,
+    responses={**ok(ModelList), **errors(401, *ANY_ROUTE)},
 )
 async def models_listing(models: Models) -> dict:
     return listing(models)
@@ -344,7 +415,9 @@ async def models_listing(models: Models) -> dict:
     dependencies=[Depends(require_api_key)],
     summary="One served model in full: summary, samplers, threads, CUDA fast path, metadata",
     tags=["model"],
-    responses={404: {"description": "no such model"}, **UNAUTHORIZED},
+    name="model_by_name",
+    response_model=None,
+    responses={**ok(ModelDetails), **errors(401, 404, *ANY_ROUTE)},
 )
 async def model_by_name(
     name: Annotated[str, Path(max_length=200, description="a model name from /models")],
@@ -362,13 +435,21 @@ async def model_by_name(
     dependencies=[Depends(require_api_key)],
     summary="The default model in full (as /models/{default}); needs the API key when keys are set",
     tags=["model"],
-    responses=UNAUTHORIZED,
+    name="model",
+    response_model=None,
+    responses={**ok(ModelDetails), **errors(401, *ANY_ROUTE)},
 )
 async def model_info(models: Models, request: Request) -> dict:
     return details(models.served(), True, request.app.state.threads)
 
 
-@router.get("/healthz", summary="Liveness: the process answers", tags=["ops"])
+@router.get(
+    "/healthz",
+    summary="Liveness: the process answers",
+    tags=["ops"],
+    response_model=None,
+    responses={**ok(Health), **errors(*ANY_ROUTE)},
+)
 async def healthz() -> dict:
     return {"status": "ok"}
 
@@ -377,7 +458,8 @@ async def healthz() -> dict:
     "/readyz",
     summary="Readiness: model loaded and warmed up, not shutting down",
     tags=["ops"],
-    responses={503: {"description": "not ready"}},
+    response_model=None,
+    responses={**ok(Readiness), 503: {"model": Readiness, "description": "not ready"}, **errors(*ANY_ROUTE)},
 )
 async def readyz(request: Request) -> Response:
     if getattr(request.app.state, "ready", False):
@@ -385,6 +467,16 @@ async def readyz(request: Request) -> Response:
     return json_response({"status": "not ready"}, status_code=503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", tags=["ops"], response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    tags=["ops"],
+    name="metrics",
+    response_class=Response,
+    responses={
+        **ok(None, media={PROMETHEUS_TEXT: {"schema": {"type": "string"}}}, description="Prometheus text format"),
+        **errors(*ANY_ROUTE),
+    },
+)
 async def metrics_endpoint(metrics: MetricsDep) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

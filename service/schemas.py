@@ -8,7 +8,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from diffusion.samplers import SAMPLERS, SPACINGS
 from service.model_repository import NAME_PATTERN
 
+# Named enums (not inline Literals): each is one schema in the OpenAPI document, so a generated client gets one
+# type per choice (`Spacing`, `OutputFormat`), not one per parameter (`SampleSpacingType0`, `TrajectoryFormat`).
 SamplerName = StrEnum("SamplerName", {name: name for name in SAMPLERS})
+Spacing = StrEnum("Spacing", {name: name for name in SPACINGS})
+
+
+class OutputFormat(StrEnum):
+    json = "json"
+    npy = "npy"
+
+
+class NpyElement(StrEnum):
+    float32 = "float32"
+    float16 = "float16"
+
 
 SAMPLE_N_MAX = 100_000
 TRAJECTORY_N_MAX = 5_000
@@ -23,7 +37,7 @@ GUIDANCE_MAX = 10.0  # classifier-free guidance beyond ~5 only pushes points off
 
 # The element type of format=npy responses (/trajectory, /forward).
 NpyDType = Annotated[
-    Literal["float32", "float16"],
+    NpyElement,
     Field(
         description="element type of format=npy: float16 halves the bytes (resolution ~0.001 at unit scale, as fine "
         "as the JSON's 3 decimals); ignored for json",
@@ -55,7 +69,7 @@ class SamplerChoice(ModelChoice):
         examples=[40, 10],
         description="denoising steps, 1..T of the model (default: the sampler's default)",
     )
-    spacing: Literal[SPACINGS] | None = Field(
+    spacing: Spacing | None = Field(
         None,
         examples=["tuned", "trailing"],
         description="which levels the steps visit: trailing (evenly spaced from T-1) or tuned (chosen for this model "
@@ -87,7 +101,7 @@ class SamplerChoice(ModelChoice):
 
 class SampleParams(SamplerChoice):
     n: int = Field(1000, ge=1, le=SAMPLE_N_MAX, description="number of points", examples=[10000])
-    format: Literal["json", "npy"] = Field(
+    format: OutputFormat = Field(
         "json", description="json, or npy for a float32 [n, 2] array", examples=["json", "npy"]
     )
 
@@ -95,13 +109,13 @@ class SampleParams(SamplerChoice):
 class TrajectoryParams(SamplerChoice):
     n: int = Field(500, ge=1, le=TRAJECTORY_N_MAX, description="number of points per frame", examples=[2000])
     include_x0: bool = Field(False, description="also return each step's predicted clean points", examples=[True])
-    format: Literal["json", "npy"] = Field(
+    format: OutputFormat = Field(
         "json",
         description="json, or npy: float32 [steps + 1, n, 2] (frames), or [2, steps + 1, n, 2] with include_x0 "
         "([1][k] = x0 predicted from frame k, NaN for the last frame); levels in the X-Timesteps header",
         examples=["json", "npy"],
     )
-    dtype: NpyDType = "float32"
+    dtype: NpyDType = NpyElement.float32
 
 
 class AnimationParams(SamplerChoice):
@@ -128,12 +142,12 @@ class ForwardParams(ModelChoice):
     seed: int | None = Field(
         None, ge=0, le=SEED_MAX, examples=[0], description="random seed; omitted: one is drawn and returned"
     )
-    format: Literal["json", "npy"] = Field(
+    format: OutputFormat = Field(
         "json",
         description="json, or npy: float32 [steps + 1, n, 2] (data, then each level); levels in the X-Levels header",
         examples=["json", "npy"],
     )
-    dtype: NpyDType = "float32"
+    dtype: NpyDType = NpyElement.float32
 
 
 class FieldParams(ModelChoice):
@@ -160,13 +174,14 @@ def allowed_values(path: str, name: str) -> str | None:
     field = model.model_fields.get(name) if model else None
     if field is None:
         return ", ".join(sorted(model.model_fields)) if model else None
-    if isinstance(field.annotation, type) and issubclass(field.annotation, StrEnum):
-        return ", ".join(field.annotation)
+    # A StrEnum or Literal["a", "b"], possibly optional: its strings
+    annotations = [field.annotation, *getattr(field.annotation, "__args__", ())]
+    enums = [a for a in annotations if isinstance(a, type) and issubclass(a, StrEnum)]
+    if enums:
+        return ", ".join(enums[0])
     low = next((m.ge for m in field.metadata if hasattr(m, "ge")), None)
     high = next((m.le for m in field.metadata if hasattr(m, "le")), None)
     if low is not None and high is not None:
         return f"{low}..{high}"
-    # Literal["a", "b"], possibly optional: the strings of every Literal in the annotation
-    annotations = [field.annotation, *getattr(field.annotation, "__args__", ())]
     args = [a for ann in annotations if get_origin(ann) is Literal for a in get_args(ann)]
     return ", ".join(args) if args and all(isinstance(a, str) for a in args) else None

@@ -69,6 +69,7 @@ def test_every_pt_file_is_a_model_named_by_its_stem(client, models_dir):
     [failure] = listing["failures"]
     assert failure["name"] == "garbage" and failure["file"] == "garbage.pt"
     assert "not a readable TorchScript archive" in failure["reason"] and "\n" not in failure["reason"]
+    assert failure["reason"].startswith("checkpoint garbage.pt: ") and str(models_dir) not in failure["reason"]
     assert failure["still_serving"] is None
 
 
