@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 CHECKPOINT ?= checkpoints/swissroll.pt
 
-.PHONY: serve test train train-seed distill lint openapi bench-quality bench-speed bench-load bench-distillation clean
+.PHONY: serve test train train-seed train-cond distill lint openapi bench-quality bench-conditional bench-speed bench-load bench-distillation clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ distill: $(VENV)/.dev
 
 bench-distillation: $(VENV)/.dev
 	$(PY) -m bench.distillation
+
+# The conditional model (issue 15): position along the roll as input, 30% condition dropout, served as swissroll-cond.
+train-cond: $(VENV)/.dev
+	$(PY) -m training --preset cond --epochs 300 --ema-decay 0.995 --condition-dropout 0.3 --seed 0 --no-evaluate \
+		--out checkpoints/swissroll-cond.pt
+
+bench-conditional: $(VENV)/.dev
+	$(PY) -m bench.conditional
 
 # The original notebook's network (raw time input, epsilon prediction, no residuals), 100 epochs, with our fixed
 # loop: served beside the default as `swissroll-seed`, so the default's changes can be compared on the page.

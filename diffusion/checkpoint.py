@@ -1,8 +1,8 @@
 """The checkpoint format, both sides of it: the writer training uses and the reader the service uses.
 
-A checkpoint is one TorchScript file: the network (forward(x [B, 2] f32, t [B] i64) -> [B, 2] f32), its
-float64 `alphas_cumprod` buffer, and `metadata.json` beside it in the archive. The contract is documented in
-checkpoints/README.md.
+A checkpoint is one TorchScript file: the network (forward(x [B, 2] f32, t [B] i64) -> [B, 2] f32; a conditional
+one, format_version 2, takes c [B] f32 too), its float64 `alphas_cumprod` buffer, and `metadata.json` beside it in
+the archive. The contract is documented in checkpoints/README.md.
 """
 
 import hashlib
@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion.checkpoint_schema import format_version_for, parse_metadata
+from diffusion.checkpoint_schema import ConditionInfo, format_version_for, parse_metadata
 from diffusion.denoiser import Denoiser
 from diffusion.samplers import SAMPLERS
 
-# What save_checkpoint writes for a file using no version-2 object (format_version_for; a distilled file is 2);
-# checkpoint_schema.SUPPORTED_FORMAT_VERSIONS is what load_model reads.
+# What save_checkpoint writes for a file using no version-2 object (format_version_for: a distilled or
+# conditional file is 2); checkpoint_schema.SUPPORTED_FORMAT_VERSIONS is what load_model reads.
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 
@@ -109,13 +109,17 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     except ValueError as e:
         raise CheckpointError(path, str(e)) from None
     alphas_cumprod = _check_schedule(path, net, checked.num_timesteps)
-    _check_forward(path, net, len(alphas_cumprod), device)
+    if _takes_condition(net) or checked.condition is not None:
+        _check_conditional_forward(path, net, len(alphas_cumprod), device, checked.condition)
+    else:
+        _check_forward(path, net, len(alphas_cumprod), device)
     try:
         tuned = parse_tuned_timesteps(checked.tuned_timesteps, len(alphas_cumprod))
         distilled, default = parse_distillation(checked.distillation, len(alphas_cumprod))
     except ValueError as e:
         raise CheckpointError(path, str(e)) from e
-    denoiser = Denoiser(net, alphas_cumprod, checked.prediction_type, device, tuned, distilled, default)
+    null = checked.condition.null_value if checked.condition is not None else None
+    denoiser = Denoiser(net, alphas_cumprod, checked.prediction_type, device, tuned, distilled, default, null)
     return LoadedModel(denoiser, metadata, _sha256(path), path, device)
 
 
@@ -222,6 +226,55 @@ def _check_forward(path: Path, net, num_timesteps: int, device: torch.device) ->
         raise CheckpointError(path, "forward returned non-finite values")
 
 
+def _takes_condition(net) -> bool:
+    """forward(x, t, c) rather than forward(x, t): read from the scripted method's schema (self, x, t[, c])."""
+    return len(net.forward.schema.arguments) == 4
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _check_conditional_forward(path: Path, net, num_timesteps: int, device, condition: ConditionInfo | None) -> None:
+    """A conditional network, called on conditional and null rows: one line for anything the contract forbids."""
+    if condition is None:
+        raise CheckpointError(path, "forward takes a condition (x, t, c) but metadata.json has no condition object")
+    if not _takes_condition(net):
+        raise CheckpointError(
+            path, f"metadata.json declares condition {condition.name!r} but forward does not take one (x, t, c)"
+        )
+    low, high = condition.range
+    # Four rows at the same x and t: two conditions, the null value, a third condition.
+    c = torch.tensor([low + 0.1 * (high - low), low + 0.9 * (high - low), condition.null_value, (low + high) / 2])
+    c = c.to(device=device, dtype=torch.float32)
+    x = torch.tensor([[0.3, -0.2]], device=device).expand(4, 2).contiguous()
+    t = torch.full((4,), num_timesteps // 2, dtype=torch.int64, device=device)
+    try:
+        with torch.inference_mode():
+            out = net(x, t, c)
+            alone = [net(x[i : i + 1], t[i : i + 1], c[i : i + 1]) for i in range(4)]
+    except Exception as e:
+        raise CheckpointError(
+            path, f"forward(x [B, 2] float32, t [B] int64, c [B] float32) failed: {_first_line(e)}"
+        ) from e
+    if not isinstance(out, torch.Tensor) or out.shape != (4, 2) or out.dtype != torch.float32:
+        raise CheckpointError(path, f"forward must return a float32 [B, 2] tensor, got {getattr(out, 'shape', out)}")
+    if not torch.isfinite(out).all():
+        raise CheckpointError(path, "forward returned non-finite values")
+    if any(a.shape != (1, 2) or not torch.allclose(a[0], out[i], rtol=1e-4, atol=1e-5) for i, a in enumerate(alone)):
+        raise CheckpointError(
+            path, "forward mixes rows: a row's output depends on other rows' c (c must be per row, [B])"
+        )
+    if torch.equal(out[0], out[1]):
+        raise CheckpointError(
+            path, f"forward ignores the condition: c = {c[0]:.2f} and c = {c[1]:.2f} give the same output"
+        )
+    if any(torch.equal(out[2], out[i]) for i in (0, 1, 3)):
+        raise CheckpointError(
+            path, f"forward ignores the null value {condition.null_value}: it gives a condition's output"
+        )
+
+
 class Checkpoint(nn.Module):
     """The file's contract: forward(x [B, 2] f32, t [B] i64) -> [B, 2] f32 and a float64 `alphas_cumprod` [T]."""
 
@@ -234,11 +287,24 @@ class Checkpoint(nn.Module):
         return self.net(x, t)
 
 
+class ConditionalCheckpoint(nn.Module):
+    """format_version 2 with a `condition` object: forward(x, t, c [B] f32), c = null_value for unconditional rows."""
+
+    def __init__(self, net: nn.Module, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.net = net
+        self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t, c)
+
+
 def save_checkpoint(net: nn.Module, alphas_cumprod: torch.Tensor, metadata: dict, path: str | Path) -> Path:
     """Script and write atomically: the target is either the old file or the complete new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = Checkpoint(net.to("cpu").eval(), alphas_cumprod.cpu())
+    wrapper = ConditionalCheckpoint if "condition" in metadata else Checkpoint
+    module = wrapper(net.to("cpu").eval(), alphas_cumprod.cpu())
     extra = {METADATA_FILE: json.dumps({"format_version": format_version_for(metadata), **metadata}, indent=2)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -23,10 +23,10 @@ from pydantic import (
 from diffusion.denoiser import PREDICTION_TYPES
 
 SUPPORTED_FORMAT_VERSIONS = (1, 2)
-# Optional top-level objects that need format_version 2. A file using none of them is written as version 1, so files
-# (and the committed default's bytes) that need nothing new stay readable by version-1 readers; a version-1 file
-# carrying one is refused (an old writer cannot have meant it).
-V2_OBJECTS: tuple[str, ...] = ("distillation",)
+# Optional top-level objects that format_version 2 added. A file using none of them is written as version 1 (so
+# older readers, and the committed default's bytes, stay as they were); a version-1 file carrying one is refused: a
+# version-1 reader would ignore the object and serve the network wrongly.
+V2_OBJECTS: tuple[str, ...] = ("distillation", "condition")
 # Deeper nesting anywhere is refused before validation (a JSON bomb of nested arrays stays one line).
 MAX_DEPTH = 64
 
@@ -87,6 +87,27 @@ class Distillation(_Open):
     default: DistilledDefault | None = None  # what a request naming no sampler/steps gets
 
 
+class ConditionInfo(_Open):
+    """format_version 2: the network is forward(x, t, c) with c a float32 [B] per-row condition."""
+
+    name: str  # what the condition is, e.g. "position"
+    range: tuple[Finite, Finite]  # [low, high] of a meaningful c
+    normalization: str  # how c was derived from the data (human-readable)
+    null_value: Finite  # rows whose c equals this get the learned "no condition" input (unconditional)
+    dropout: Annotated[float, Field(ge=0, lt=1)]  # fraction of training rows given null_value instead of c
+
+    @model_validator(mode="after")
+    def _coherent(self):
+        low, high = self.range
+        if not low < high:
+            raise ValueError(f"condition.range must be [low, high] with low < high, got {list(self.range)}")
+        if low <= self.null_value <= high:
+            raise ValueError(
+                f"condition.null_value {self.null_value} must lie outside condition.range {list(self.range)}"
+            )
+        return self
+
+
 class CheckpointMetadata(_Open):
     format_version: StrictInt
     num_timesteps: Annotated[StrictInt, Field(ge=2, le=100_000)]
@@ -101,6 +122,7 @@ class CheckpointMetadata(_Open):
     timestep_search: dict[str, Any] = {}
     quality: Quality = Field(default_factory=Quality)
     distillation: Distillation | None = None  # format_version 2
+    condition: ConditionInfo | None = None  # format_version 2
 
     @field_validator("format_version")
     @classmethod
@@ -109,15 +131,6 @@ class CheckpointMetadata(_Open):
             raise ValueError(f"format_version {v} unsupported (this service reads {SUPPORTED_FORMAT_VERSIONS})")
         return v
 
-    @model_validator(mode="after")
-    def _v2_objects_need_v2(self):
-        used = [k for k in V2_OBJECTS if k in self.model_fields_set]
-        if used and self.format_version < 2:
-            raise ValueError(
-                f"format_version {self.format_version} cannot carry {', '.join(used)} (needs format_version 2)"
-            )
-        return self
-
     @field_validator("prediction_type")
     @classmethod
     def _known_prediction(cls, v: str) -> str:
@@ -125,9 +138,18 @@ class CheckpointMetadata(_Open):
             raise ValueError(f"prediction_type {v!r} not one of {PREDICTION_TYPES}")
         return v
 
+    @model_validator(mode="after")
+    def _v2_objects_need_v2(self):
+        used = [k for k in V2_OBJECTS if k in self.model_fields_set or k in (self.model_extra or {})]
+        if self.format_version < 2 and used:
+            raise ValueError(
+                f"format_version {self.format_version} file carries {used[0]!r}, which needs format_version 2"
+            )
+        return self
+
 
 def format_version_for(metadata: dict) -> int:
-    """What a writer declares: 2 when the file uses a version-2 object, else 1."""
+    """What a writer declares: 1 unless the file uses an object of version 2 (older readers keep loading it)."""
     return 2 if any(k in metadata for k in V2_OBJECTS) else 1
 
 

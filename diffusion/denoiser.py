@@ -27,7 +27,7 @@ def prediction_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tens
 
 @dataclass(frozen=True)
 class Denoiser:
-    net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B, 2], t [B] int64) -> [B, 2]
+    net: Callable[..., torch.Tensor]  # (x [B, 2], t [B] int64) -> [B, 2]; conditional: (x, t, c [B] float32)
     alphas_cumprod: tuple[float, ...]  # host-side float64 copy: per-step coefficients never sync the device
     prediction_type: str = "epsilon"
     device: torch.device = torch.device("cpu")  # where the net's weights live; samplers draw noise there
@@ -36,6 +36,9 @@ class Denoiser:
     # A distilled student (metadata "distillation"): the only sampler -> steps -> levels it serves; empty = any.
     distilled: dict[str, dict[int, tuple[int, ...]]] = field(default_factory=dict, hash=False, compare=False)
     default_choice: tuple[str, int] | None = None  # (sampler, steps) for a request naming neither; distilled only
+    # A conditional network (checkpoint metadata "condition"): the c that selects its learned "no condition" input.
+    # None: the network takes no condition. Without a condition, predict() runs a conditional network unconditionally.
+    null_condition: float | None = None
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -45,9 +48,25 @@ class Denoiser:
     def num_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 
+    @property
+    def conditional(self) -> bool:
+        return self.null_condition is not None
+
     def predict(self, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps, x0) predicted at integer level t."""
-        out = self._forward_cpu(x, t) if x.device.type == "cpu" else self._forward_accelerator(x, t)
+        return self.from_output(x, t, self.output(x, t))
+
+    def output(self, x: torch.Tensor, t: int, c: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's own output at level t (noise or v); c: per-row condition [B] of a conditional network
+        (None: every row unconditional)."""
+        if c is None and self.null_condition is not None:
+            c = x.new_full((x.shape[0],), self.null_condition)
+        elif c is not None and self.null_condition is None:
+            raise ValueError("this network takes no condition")
+        return self._forward_cpu(x, t, c) if x.device.type == "cpu" else self._forward_accelerator(x, t, c)
+
+    def from_output(self, x: torch.Tensor, t: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x0) from the network output at level t: the prediction type's inverse."""
         alpha, sigma = self.alphas_cumprod[t] ** 0.5, (1 - self.alphas_cumprod[t]) ** 0.5
         if self.prediction_type == "epsilon":
             # x_t = alpha x0 + sigma eps  =>  x0 = (x_t - sigma eps) / alpha
@@ -55,17 +74,24 @@ class Denoiser:
         # v = alpha eps - sigma x0 (Salimans & Ho 2022)  =>  x0 = alpha x_t - sigma v, eps = sigma x_t + alpha v
         return sigma * x + alpha * out, alpha * x - sigma * out
 
-    def _forward_cpu(self, x: torch.Tensor, t: int) -> torch.Tensor:
+    def _forward_cpu(self, x: torch.Tensor, t: int, c: torch.Tensor | None = None) -> torch.Tensor:
         # Padded to ROW_ALIGN (batch invariance) and run in cache-sized chunks.
         rows = x.shape[0]
         pad = -rows % ROW_ALIGN
         x_in = torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x
         t_in = torch.full((x_in.shape[0],), t, dtype=torch.int64, device=x.device)
-        chunks = zip(x_in.split(FORWARD_CHUNK), t_in.split(FORWARD_CHUNK), strict=True)
-        outs = [self.net(xc, tc) for xc, tc in chunks]
+        if c is None:
+            outs = [
+                self.net(xc, tc) for xc, tc in zip(x_in.split(FORWARD_CHUNK), t_in.split(FORWARD_CHUNK), strict=True)
+            ]
+        else:
+            c_in = torch.cat([c, c.new_full((pad,), self.null_condition)]) if pad else c
+            chunks = zip(x_in.split(FORWARD_CHUNK), t_in.split(FORWARD_CHUNK), c_in.split(FORWARD_CHUNK), strict=True)
+            outs = [self.net(xc, tc, cc) for xc, tc, cc in chunks]
         return (outs[0] if len(outs) == 1 else torch.cat(outs))[:rows]
 
-    def _forward_accelerator(self, x: torch.Tensor, t: int) -> torch.Tensor:
+    def _forward_accelerator(self, x: torch.Tensor, t: int, c: torch.Tensor | None = None) -> torch.Tensor:
         # One call per step: on a GPU the per-call launch cost dominates this small network, chunks only add
         # launches (measured in scripts/cuda_check.py), and its GEMMs are not batch-invariant anyway.
-        return self.net(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device))
+        t_in = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+        return self.net(x, t_in) if c is None else self.net(x, t_in, c)

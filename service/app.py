@@ -104,6 +104,10 @@ def load_configured_model(settings: Settings) -> LoadedModel:
 def _with_fast_path(app: FastAPI, model: LoadedModel, settings: Settings) -> LoadedModel:
     """The CUDA fast path for this model (graphs are keyed by model id, so a reloaded model never replays
     another's graphs; `graphs.invalidate(id)` frees them)."""
+    if model.denoiser.conditional:
+        # Its per-row condition (and the doubled rows of guidance) are not in the fused kernel or the captured
+        # graphs: a conditional model runs the eager path (jobs.run_plan, batching.run_batch).
+        return model
     if getattr(app.state, "graphs", None) is None:
         budget = settings.cuda_graph_mb << 20
         app.state.graphs = GraphCache(budget, settings.cuda_graph_max_rows, on_evict=torch.cuda.empty_cache)

@@ -31,7 +31,7 @@ from diffusion.denoiser import ROW_ALIGN
 from diffusion.noise import from_sources, initial_noise
 from service.blocks import run_sampler
 from service.compute import Cancelled, ComputeGate, Job, ShuttingDown, Timing
-from service.jobs import Plan, computation_key
+from service.jobs import Plan, computation_key, conditioned
 from service.metrics import Metrics
 
 _DISCONNECT_POLL_S = 0.1  # how often a waiting request asks whether its client is still there
@@ -69,23 +69,32 @@ class _Batch:
 def run_batch(model: LoadedModel, plans: list[Plan], job: Job) -> list[np.ndarray]:
     """One sampler run over all plans' rows; each plan's block starts on a ROW_ALIGN boundary."""
     device = model.device
-    sources, starts, rows = [], [], 0
+    sources, starts, rows, conditions = [], [], 0, []
     for p in plans:
         starts.append(rows)
         sources.append((torch.Generator(device=device).manual_seed(p.seed), p.n))
+        conditions.append((p.position, p.n))  # each request's rows their own position (guidance is in the key)
         pad = -p.n % ROW_ALIGN
         if pad:
             sources.append((None, pad))
+            conditions.append((None, pad))
         rows += p.n + pad
     first = plans[0]
-    if model.fast_path is not None:
+    if model.fast_path is not None and not model.denoiser.conditional:
         out = model.fast_path.sample(first.spec, first.timesteps, first.params, sources)
     else:
         # Each generator's first draw is its request's x_T, exactly as when the request runs alone.
         noise = from_sources(sources)
         x = initial_noise(rows, noise, device)
         out, _, _ = run_sampler(
-            job.blocks, first.spec.fn, model.denoiser, x, first.timesteps, noise, job.check, **first.params
+            job.blocks,
+            first.spec.fn,
+            conditioned(model.denoiser, conditions, first.guidance),
+            x,
+            first.timesteps,
+            noise,
+            job.check,
+            **first.params,
         )
     out = out.cpu().numpy()
     return [out[start : start + p.n] for start, p in zip(starts, plans, strict=True)]

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from diffusion.denoiser import ROW_ALIGN
+from diffusion.guidance import GuidedDenoiser
 from diffusion.noise import Noise
 from diffusion.samplers import Step
 
@@ -123,7 +124,9 @@ class BlockPool:
         def block(start: int, stop: int):
             steps = _Recorder(check_block, record, record_x0)
             try:
-                out = fn(denoiser, x[start:stop], ts, BlockNoise(tape, start, stop), steps, **params)
+                # A guided denoiser carries one condition per row: the block takes its rows of them.
+                rows = denoiser.rows(start, stop) if isinstance(denoiser, GuidedDenoiser) else denoiser
+                out = fn(rows, x[start:stop], ts, BlockNoise(tape, start, stop), steps, **params)
             except BaseException:
                 failed.set()
                 raise

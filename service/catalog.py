@@ -88,6 +88,12 @@ def summary(served: ServedModel, default: bool) -> dict:
         "prediction_type": model.denoiser.prediction_type,
         "num_timesteps": model.denoiser.num_timesteps,
         "schedule": meta.get("schedule"),
+        # A conditional model takes position= and guidance= on the sampling routes (the page shows sliders for it).
+        "condition": (
+            {k: meta["condition"][k] for k in ("name", "range", "normalization", "null_value", "dropout")}
+            if model.denoiser.conditional
+            else None
+        ),
         "samplers": {
             s.name: {
                 "steps": {k: v for k, v in _steps(model, s).items() if k != "default"},

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 from diffusion.checkpoint import LoadedModel
+from diffusion.denoiser import Denoiser
+from diffusion.guidance import guided
 from diffusion.noise import from_generator, initial_noise
 from diffusion.samplers import (
     SamplerSpec,
@@ -35,6 +37,8 @@ class Plan:
     spacing: str  # what chose them: "trailing" or "tuned" (the checkpoint's schedule for this sampler and steps)
     seed: int
     params: dict[str, float]
+    position: float | None = None  # conditional models: a per-row input, so plans with different ones batch together
+    guidance: float = 1.0  # part of the computation (key): 1 whenever position is None
 
     @property
     def steps(self) -> int:
@@ -49,7 +53,8 @@ class Plan:
         """What decides the computation apart from the model, n and the seed: with the model's id, plans with equal
         keys share network calls (computation_key, batching.py); with the model's id, the seed and n it names one
         result (the /animation cache and its ETag, video_cache.animation_key)."""
-        return (self.spec.name, self.timesteps, tuple(sorted(self.params.items())))
+        guidance = (("guidance", self.guidance),) if self.guidance != 1.0 else ()
+        return (self.spec.name, self.timesteps, tuple(sorted(self.params.items())), *guidance)
 
     def describe(self) -> dict:
         return {
@@ -59,6 +64,7 @@ class Plan:
             "spacing": self.spacing,
             "seed": self.seed,
             **self.params,
+            **({"position": self.position, "guidance": self.guidance} if self.position is not None else {}),
         }
 
 
@@ -85,20 +91,34 @@ def plan(model: LoadedModel, params: SamplerChoice) -> Plan:
     ts, spacing = resolve_timesteps(spec, model.denoiser, steps, params.spacing)
     extra = resolve_params(spec, {"eta": params.eta})
     seed = params.seed if params.seed is not None else secrets.randbits(63)
-    return Plan(spec, params.n, tuple(ts), spacing, seed, extra)
+    # Without a position the rows are unconditional, which guidance leaves unchanged: w = 1 lets them batch with
+    # every other unconditional or w = 1 request.
+    guidance = params.guidance if params.position is not None else 1.0
+    return Plan(spec, params.n, tuple(ts), spacing, seed, extra, params.position, guidance)
+
+
+def conditioned(denoiser: Denoiser, rows: list[tuple[float | None, int]], guidance: float) -> Denoiser:
+    """A conditional model's denoiser with each run of rows' condition ((position or None, rows), in row order;
+    None: unconditional, the model's null value); an unconditional model's as it is."""
+    if not denoiser.conditional:
+        return denoiser
+    null = denoiser.null_condition
+    c = torch.cat([torch.full((n,), null if where is None else where) for where, n in rows])
+    return guided(denoiser, c, guidance)
 
 
 def run_plan(model: LoadedModel, p: Plan, job: Job, record: bool = False, record_x0: bool = False):
     """The work done in a compute thread. Returns (points, frames, x0s) as numpy arrays."""
     device = model.device
     generator = torch.Generator(device=device).manual_seed(p.seed)
-    if model.fast_path is not None:  # CUDA: one noise draw per request, shared by all its paths (cuda_fast_path.py)
+    # CUDA: one noise draw per request, shared by all its paths (cuda_fast_path.py); conditional models run eager.
+    if model.fast_path is not None and not model.denoiser.conditional:
         if not (record or record_x0):
             job.check()
             return model.fast_path.sample(p.spec, p.timesteps, p.params, [(generator, p.n)]).cpu().numpy(), None, None
         x, noise, denoiser = model.fast_path.initial_state(p.spec, p.timesteps, p.params, [(generator, p.n)])
     else:
-        noise, denoiser = from_generator(generator), model.denoiser
+        noise, denoiser = from_generator(generator), conditioned(model.denoiser, [(p.position, p.n)], p.guidance)
         x = initial_noise(p.n, noise, device)
     # job.check: deadline and client disconnect are honoured at every step boundary.
     out, frames, x0s = run_sampler(

@@ -42,6 +42,8 @@ class Run(_Body):
     spacing: Spacing = Field(description="which levels the steps visited")
     seed: Seed
     eta: float | None = Field(None, ge=0, le=1, description="ddim only, present when given")
+    position: float | None = Field(None, ge=0, le=1, description="conditional models: present when given")
+    guidance: float | None = Field(None, ge=0, description="classifier-free guidance scale, present with position")
     model: ModelId
     model_name: ModelName
     elapsed_ms: ElapsedMs
@@ -184,6 +186,16 @@ class ModelQuality(_Body):
     samplers: dict[str, SamplerQuality]
 
 
+class ConditionSummary(_Body):
+    """What a conditional model is conditioned on (checkpoint metadata `condition`, checkpoints/README.md)."""
+
+    name: str = Field(examples=["position"])
+    range: tuple[float, float] = Field(description="meaningful values of the condition", examples=[[0.0, 1.0]])
+    normalization: str
+    null_value: float = Field(description="the value its network reads as 'no condition'")
+    dropout: float = Field(ge=0, lt=1, description="fraction of training rows trained without the condition")
+
+
 class ModelSummary(_Body):
     """One model of /models: enough to choose one and to see how good each sampler is on it."""
 
@@ -200,6 +212,9 @@ class ModelSummary(_Body):
     prediction_type: str = Field(examples=["v", "epsilon"])
     num_timesteps: int = Field(ge=2)
     schedule: str | None = Field(examples=["cosine"])
+    condition: "ConditionSummary | None" = Field(
+        description="a conditional model (position= and guidance= on the sampling routes), else null"
+    )
     samplers: dict[SamplerName, SamplerSupport]
     quality: ModelQuality
 

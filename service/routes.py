@@ -80,6 +80,18 @@ def choose(models: ModelRepository, request: Request, name: str | None) -> Loade
     return served.model
 
 
+def check_condition(models: ModelRepository, model: LoadedModel, params) -> None:
+    """position and guidance are for conditional models: anywhere else a 422 naming the models that take them."""
+    asked = [name for name in ("position", "guidance") if name in params.model_fields_set]
+    if asked and not model.denoiser.conditional:
+        having = [name for name in models.names() if models.get(name).denoiser.conditional]
+        raise SamplerError(
+            asked[0],
+            f"{asked[0]} needs a conditional model; this one has no condition. Conditional models: "
+            + (", ".join(having) or "none is served"),
+        )
+
+
 # What every /animation video response says about itself (206 adds Content-Range).
 ANIMATION_HEADERS = (
     "X-Seed",
@@ -121,6 +133,7 @@ async def sample(
     params: Annotated[SampleParams, Query()], request: Request, models: Models, gate: Gate, metrics: MetricsDep
 ) -> Response:
     model = choose(models, request, params.model)
+    check_condition(models, model, params)
     p = plan(model, params)
     request.state.sampler = p.spec.name
     result = await sample_points(gate, model, p, request.is_disconnected, batcher=request.app.state.batcher)
@@ -171,6 +184,7 @@ async def trajectory(
     params: Annotated[TrajectoryParams, Query()], request: Request, models: Models, gate: Gate, metrics: MetricsDep
 ) -> Response:
     model = choose(models, request, params.model)
+    check_condition(models, model, params)
     p = plan(model, params)
     request.state.sampler = p.spec.name
     result = await sample_points(gate, model, p, request.is_disconnected, record=True, record_x0=params.include_x0)
@@ -244,7 +258,7 @@ async def animation(
     model = choose(models, request, params.model)
     size = even(params.size)
     if params.process == "forward":
-        for name in ("sampler", "spacing", "eta"):
+        for name in ("sampler", "spacing", "eta", "position", "guidance"):
             if name in params.model_fields_set:  # a sampling parameter with nothing to sample: say so, don't ignore it
                 raise SamplerError(name, f"{name} does not apply to process=forward (it uses n, steps and seed)")
         fp = forward_plan(model, params.n, params.steps, params.seed)
@@ -252,9 +266,13 @@ async def animation(
         key = animation_key(model.id, "forward", fp.levels, fp.seed, fp.n, params.fps, size)
         seed = fp.seed
     else:
+        check_condition(models, model, params)
         p = plan(model, params)
         request.state.sampler = p.spec.name
-        key = animation_key(model.id, "reverse", p.key(), p.seed, p.n, params.fps, size)
+        # The position is a per-row input, not part of Plan.key() (requests at different positions batch together),
+        # but it is part of what a video shows.
+        computation = p.key() if p.position is None else (*p.key(), ("position", p.position))
+        key = animation_key(model.id, "reverse", computation, p.seed, p.n, params.fps, size)
         seed = p.seed
     tag = etag(key)
     headers = {"X-Seed": str(seed), "X-Model": model.id, "X-Model-Name": request.state.model}

@@ -32,6 +32,7 @@ SEED_MAX = 2**63 - 1
 FORWARD_N_MAX = TRAJECTORY_N_MAX
 FIELD_GRID_MAX = 64  # per side: at most 4,096 points per /field call
 FIELD_EXTENT_MAX = 10.0
+GUIDANCE_MAX = 10.0  # classifier-free guidance beyond ~5 only pushes points off the data (bench/results/conditional.md)
 
 
 # The element type of format=npy responses (/trajectory, /forward).
@@ -82,6 +83,24 @@ class SamplerChoice(ModelChoice):
         None, ge=0, le=SEED_MAX, examples=[0], description="random seed; omitted: one is drawn and returned"
     )
     eta: float | None = Field(None, ge=0.0, le=1.0, examples=[0.0], description="ddim only: 0 = deterministic")
+    position: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        examples=[0.25],
+        description="conditional models only (see /models): where on the roll, 0 = inner end, 1 = outer end; "
+        "omitted: unconditional sampling",
+    )
+    guidance: float = Field(
+        1.0,
+        ge=0.0,
+        le=GUIDANCE_MAX,
+        allow_inf_nan=False,
+        examples=[1.0, 3.0],
+        description="classifier-free guidance scale, with position: 1 = the plain conditional model, 0 = "
+        "unconditional, > 1 sharper (and less diverse)",
+    )
 
 
 class SampleParams(SamplerChoice):

@@ -14,6 +14,7 @@ HELP = {
     "batch_size": "points per optimizer step",
     "lr": "Adam learning rate (decays linearly to lr * final_lr_fraction)",
     "final_lr_fraction": "learning rate at the end, as a fraction of --lr",
+    "condition_dropout": "conditional presets (cond): fraction of training rows given the null condition",
     "ema_decay": "exponential moving average of weights (0 = off); the average is what gets exported",
     "num_timesteps": "number of noise levels T (the sampler's maximum number of steps)",
     "schedule": f"noise schedule: {', '.join(sorted(SCHEDULES))}",

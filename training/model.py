@@ -21,6 +21,8 @@ class NetConfig:
     # What the network is trained to output: "epsilon" (the noise) or "v" (Salimans & Ho 2022,
     # v = sqrt(alpha_bar) * eps - sqrt(1 - alpha_bar) * x0), which stays well conditioned at low SNR.
     prediction_type: str = "epsilon"
+    # > 0: a conditional network (training/conditional.py) taking the position along the roll as this many features.
+    condition_features: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -32,6 +34,12 @@ PRESETS: dict[str, NetConfig] = {
     # The committed default (`make train`: 300 epochs, EMA 0.995): same width and depth, residual
     # blocks, sinusoidal time features and v-prediction; chosen by bench/quality.py.
     "default": NetConfig(residual=True, time_embedding="sinusoidal", prediction_type="v"),
+    # The conditional model (`make train-cond`, issue 15): the default twice as wide (one network learns the
+    # conditional and the unconditional task; width 64 left the unconditional one 3.4x the default), plus
+    # position features.
+    "cond": NetConfig(
+        width=128, residual=True, time_embedding="sinusoidal", prediction_type="v", condition_features=16
+    ),
 }
 TIME_EMBEDDINGS = ("raw", "sinusoidal")
 

@@ -15,6 +15,8 @@ from diffusion.checkpoint import parse_tuned_timesteps, resolve_device
 from diffusion.cpus import threads_from_env
 from diffusion.denoiser import Denoiser, prediction_target
 from diffusion.schedules import SCHEDULES, make_alphas_cumprod
+from training.conditional import NULL_POSITION, ConditionalMLP, condition_metadata
+from training.conditional import flops_per_sample as conditional_flops
 from training.data import SwissRoll, load_swiss_roll
 from training.evaluate import fresh_real, quality_summary
 from training.export import export_checkpoint
@@ -30,6 +32,7 @@ class TrainConfig:
     lr: float = 1e-3
     final_lr_fraction: float = 0.01
     ema_decay: float = 0.0  # 0 disables the exponential moving average of weights
+    condition_dropout: float = 0.1  # conditional presets: fraction of rows trained with the null condition
     num_timesteps: int = 40
     schedule: str = "cosine"
     n_samples: int = 100_000
@@ -58,6 +61,10 @@ class TrainConfig:
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (0 < self.final_lr_fraction <= 1, f"final_lr_fraction must be in (0, 1], got {self.final_lr_fraction}"),
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            (
+                0 < self.condition_dropout < 1,
+                f"condition_dropout must be in (0, 1), got {self.condition_dropout}",
+            ),
             (2 <= self.num_timesteps <= 1000, f"num_timesteps must be in 2..1000, got {self.num_timesteps}"),
             (self.n_samples >= 20, f"n_samples must be >= 20, got {self.n_samples}"),
             (self.data_noise >= 0, f"data_noise must be >= 0, got {self.data_noise}"),
@@ -72,20 +79,29 @@ class TrainConfig:
         resolve_device(self.device)
 
 
-def diffusion_loss(net, x0, alphas_cumprod, prediction_type, generator) -> torch.Tensor:
+def diffusion_loss(net, x0, alphas_cumprod, prediction_type, generator, c=None) -> torch.Tensor:
     t = torch.randint(0, alphas_cumprod.numel(), (x0.shape[0],), generator=generator, device=x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)
     alpha_bar = alphas_cumprod[t].unsqueeze(1)
     # Forward process q(x_t | x_0) = N(sqrt(alpha_bar) x_0, (1 - alpha_bar) I).
     x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
-    return nn.functional.mse_loss(net(x_t, t), prediction_target(x0, eps, alpha_bar, prediction_type))
+    out = net(x_t, t) if c is None else net(x_t, t, c)
+    return nn.functional.mse_loss(out, prediction_target(x0, eps, alpha_bar, prediction_type))
+
+
+def drop_condition(c: torch.Tensor, rate: float, generator) -> torch.Tensor:
+    """Condition dropout (Ho & Salimans 2022, Algorithm 1): each row's c becomes the null value with probability
+    `rate`, so the same network learns the unconditional prediction too."""
+    dropped = torch.rand(c.shape, generator=generator, device=c.device) < rate
+    return torch.where(dropped, torch.full_like(c, NULL_POSITION), c)
 
 
 @torch.no_grad()
-def validation_loss(net, val, alphas_cumprod, prediction_type, seed: int) -> float:
-    # Fixed levels and noise each epoch, so the curve shows the model changing, not the noise.
+def validation_loss(net, val, alphas_cumprod, prediction_type, seed: int, c=None) -> float:
+    # Fixed levels and noise each epoch, so the curve shows the model changing, not the noise. A conditional
+    # network is validated on the conditional task (the rows' own positions).
     generator = torch.Generator(device=val.device).manual_seed(seed)
-    return diffusion_loss(net, val, alphas_cumprod, prediction_type, generator).item()
+    return diffusion_loss(net, val, alphas_cumprod, prediction_type, generator, c).item()
 
 
 @dataclass
@@ -130,7 +146,14 @@ def fit(config: TrainConfig) -> Fitted:
     alphas_cumprod = alphas_cumprod64.float().to(device)
 
     net_config = get_preset(config.preset)
-    net = DenoiserMLP(net_config, config.num_timesteps).to(device)
+    conditional = net_config.condition_features > 0
+    if conditional:
+        net = ConditionalMLP(net_config, config.num_timesteps, net_config.condition_features, NULL_POSITION)
+        train_c, val_c = data.train_position.to(device), data.val_position.to(device)
+    else:
+        net = DenoiserMLP(net_config, config.num_timesteps)
+        train_c = val_c = None
+    net = net.to(device)
     ema = copy.deepcopy(net).requires_grad_(False) if config.ema_decay > 0 else None
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
     batches_per_epoch = -(-train_x.shape[0] // config.batch_size)
@@ -146,8 +169,9 @@ def fit(config: TrainConfig) -> Fitted:
         order = torch.randperm(train_x.shape[0], generator=generator, device=device)
         epoch_loss = torch.zeros((), device=device)
         for i in range(batches_per_epoch):
-            batch = train_x[order[i * config.batch_size : (i + 1) * config.batch_size]]
-            loss = diffusion_loss(net, batch, alphas_cumprod, net_config.prediction_type, generator)
+            rows = order[i * config.batch_size : (i + 1) * config.batch_size]
+            c = drop_condition(train_c[rows], config.condition_dropout, generator) if conditional else None
+            loss = diffusion_loss(net, train_x[rows], alphas_cumprod, net_config.prediction_type, generator, c)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -160,7 +184,7 @@ def fit(config: TrainConfig) -> Fitted:
             epoch_loss += loss.detach()
         final_net = ema if ema is not None else net
         final_net.eval()
-        val_loss = validation_loss(final_net, val_x, alphas_cumprod, net_config.prediction_type, config.seed + 1)
+        val_loss = validation_loss(final_net, val_x, alphas_cumprod, net_config.prediction_type, config.seed + 1, val_c)
         history.append(((epoch_loss / batches_per_epoch).item(), val_loss))
         bar.set_postfix(loss=f"{history[-1][0]:.4f}", val_loss=f"{val_loss:.4f}")
     seconds = time.perf_counter() - start
@@ -171,17 +195,22 @@ def fit(config: TrainConfig) -> Fitted:
 def describe(config: TrainConfig, fitted: Fitted) -> dict:
     """The checkpoint's metadata: schedule, network, data recipe, training run (checkpoints/README.md)."""
     net_config, data, history = fitted.net_config, fitted.data, fitted.history
+    conditional = net_config.condition_features > 0
+    flops = (
+        conditional_flops(net_config, net_config.condition_features) if conditional else flops_per_sample(net_config)
+    )
     return {
         "num_timesteps": config.num_timesteps,
         "schedule": config.schedule,
         "prediction_type": net_config.prediction_type,
         "model": {
             "preset": config.preset,
-            "architecture": "DenoiserMLP",
+            "architecture": "ConditionalMLP" if conditional else "DenoiserMLP",
             **net_config.to_dict(),
             "parameters": sum(p.numel() for p in fitted.net.parameters()),
-            "flops_per_sample": flops_per_sample(net_config),
+            "flops_per_sample": flops,
         },
+        **({"condition": condition_metadata(config.condition_dropout)} if conditional else {}),
         "data": {
             "source": "sklearn.datasets.make_swiss_roll, coordinates [0, 2]",
             "mean": list(data.mean),
@@ -193,7 +222,11 @@ def describe(config: TrainConfig, fitted: Fitted) -> dict:
             "seed": config.data_seed,
         },
         "training": {
-            "config": {k: v for k, v in asdict(config).items() if k not in ("progress", "loss_curve", "evaluate")},
+            "config": {
+                k: v
+                for k, v in asdict(config).items()
+                if k not in ("progress", "loss_curve", "evaluate") and (conditional or k != "condition_dropout")
+            },
             "final_train_loss": history[-1][0],
             "final_val_loss": history[-1][1],
             "loss_history": [[round(a, 5), round(b, 5)] for a, b in history],
@@ -209,7 +242,11 @@ def describe(config: TrainConfig, fitted: Fitted) -> dict:
 
 def tune_and_measure(config: TrainConfig, fitted: Fitted) -> dict:
     """Few-step timestep schedules chosen for this network, then every sampler's quality: metadata fields."""
-    denoiser = Denoiser(fitted.net.cpu(), tuple(fitted.alphas_cumprod.tolist()), fitted.net_config.prediction_type)
+    # A conditional network is tuned and measured unconditionally (null condition on every row).
+    null = NULL_POSITION if fitted.net_config.condition_features > 0 else None
+    denoiser = Denoiser(
+        fitted.net.cpu(), tuple(fitted.alphas_cumprod.tolist()), fitted.net_config.prediction_type, null_condition=null
+    )
     data = fitted.data
     # Fresh points from a seed of their own: the benchmark's and quality_summary's references stay unseen.
     real = fresh_real(config.tune_points, config.data_noise, TUNING_SEED, data.mean, data.std)

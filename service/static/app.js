@@ -24,6 +24,8 @@
     showX0: $("show-x0"), compare: $("compare"), canvasReal: $("canvas-real"), canvasWrap: $("canvas-wrap"),
     quality: $("quality"), ptsLabel: $("pts-label"), realItem: $("real-item"), x0Item: $("x0-item"),
     fieldItem: $("field-item"), fieldLabel: $("field-label"),
+    conditionField: $("condition-field"), usePosition: $("use-position"), position: $("position"),
+    positionValue: $("position-value"), guidance: $("guidance"), guidanceValue: $("guidance-value"),
   };
   const ctx = el.canvas.getContext("2d");
 
@@ -223,7 +225,17 @@
     if (steps !== "") q.steps = steps;
     if (seed !== "") q.seed = seed;
     if (s && s.params && s.params.eta && el.eta.value.trim() !== "") q.eta = el.eta.value.trim();
+    if (conditioned()) {
+      q.position = el.position.value;
+      q.guidance = el.guidance.value;
+    }
     return q;
+  }
+
+  // A conditional model (its /models summary has a condition) with the position box ticked.
+  function conditioned() {
+    const m = state.models.get(el.model.value);
+    return Boolean(m && m.condition && el.usePosition.checked);
   }
 
   function syncUrl(query) {
@@ -424,8 +436,10 @@
     const rand = mulberry32(12345);
     const gauss = () => Math.sqrt(-2 * Math.log(1 - rand())) * Math.cos(2 * Math.PI * rand());
     const out = new Float32Array(REF_POINTS * 2);
+    out.positions = new Float32Array(REF_POINTS); // each point's position on the roll, (t - 1.5π) / (3π)
     for (let i = 0; i < REF_POINTS; i++) {
       const t = 1.5 * Math.PI * (1 + 2 * rand());
+      out.positions[i] = (t - 1.5 * Math.PI) / (3 * Math.PI);
       out[2 * i] = (t * Math.cos(t) + noise * gauss() - mean[0]) / std[0];
       out[2 * i + 1] = (t * Math.sin(t) + noise * gauss() - mean[1]) / std[1];
     }
@@ -530,6 +544,17 @@
       c.beginPath();
       for (let i = 0; i < state.ref.length; i += 2) c.rect(g.px(state.ref[i]) - r, g.py(state.ref[i + 1]) - r, 2 * r, 2 * r);
       c.fill();
+      if (conditioned()) {
+        // The requested part of the roll: reference points within 0.02 of the position.
+        const want = Number(el.position.value);
+        c.fillStyle = p.real;
+        c.beginPath();
+        for (let i = 0; i < state.ref.positions.length; i++) {
+          if (Math.abs(state.ref.positions[i] - want) > 0.02) continue;
+          c.rect(g.px(state.ref[2 * i]) - 1.5 * r, g.py(state.ref[2 * i + 1]) - 1.5 * r, 3 * r, 3 * r);
+        }
+        c.fill();
+      }
       c.restore();
     }
     return off;
@@ -866,6 +891,19 @@
     await selectModel(el.model.value, el.sampler.value);
     runTrajectory();
   });
+  function conditionChanged() {
+    el.positionValue.textContent = Number(el.position.value).toFixed(2);
+    el.guidanceValue.textContent = Number(el.guidance.value).toFixed(1);
+    state.background = null;
+    draw();
+  }
+  for (const input of [el.position, el.guidance]) input.addEventListener("input", conditionChanged);
+  for (const input of [el.usePosition, el.position, el.guidance]) {
+    input.addEventListener("change", () => {
+      conditionChanged();
+      runTrajectory();
+    });
+  }
   el.sampler.addEventListener("change", () => {
     applySampler();
     runTrajectory();
@@ -955,6 +993,7 @@
   // The chosen model's samplers (what they support depends on the model) and its data reference.
   async function selectModel(name, preferredSampler) {
     const m = state.models.get(name);
+    el.conditionField.hidden = !(m && m.condition);
     el.modelInfo.textContent = m
       ? `${m.preset || "custom"} network · ${m.prediction_type}-prediction · T = ${m.num_timesteps} · ${m.id.slice(0, 12)}`
       : "";

@@ -71,7 +71,11 @@ def test_json_points_round_trip_float32_exactly(client):
         ("seed=abc", "seed", "0..9223372036854775807"),
         ("seed=-1", "seed", "0..9223372036854775807"),
         ("format=xml", "format", "'json' or 'npy'"),
-        ("colour=red", "colour", "valid parameters: eta, format, model, n, sampler, seed, spacing, steps"),
+        (
+            "colour=red",
+            "colour",
+            "valid parameters: eta, format, guidance, model, n, position, sampler, seed, spacing, steps",
+        ),
     ],
 )
 def test_bad_input_is_422_naming_the_parameter_and_the_allowed_values(client, query, param, expect):
@@ -188,7 +192,7 @@ def test_metrics(client):
 def test_openapi_documents_bounds_and_examples(client):
     spec = client.get("/openapi.json").json()
     params = {p["name"]: p for p in spec["paths"]["/sample"]["get"]["parameters"]}
-    assert set(params) == {"model", "sampler", "steps", "spacing", "seed", "eta", "n", "format"}
+    assert set(params) == {"model", "sampler", "steps", "spacing", "seed", "eta", "n", "format", "position", "guidance"}
     assert params["n"]["schema"]["maximum"] == 100_000 and params["n"]["schema"]["minimum"] == 1
     assert all(p.get("examples") or p["schema"].get("examples") for p in params.values())
     assert client.get("/docs").status_code == 200

@@ -30,3 +30,27 @@ def write_tiny_checkpoint(path, prediction_type="v", num_timesteps=TINY_T, **met
 
 def make_settings(checkpoint, **overrides) -> Settings:
     return Settings(checkpoint=checkpoint, device="cpu", torch_threads=1, **overrides)
+
+
+def write_tiny_conditional_checkpoint(path, width=8):
+    """A small conditional checkpoint (format_version 2, `condition`, forward(x, t, c)), untrained but with a
+    random null input, so conditional and unconditional rows differ."""
+    import torch
+
+    from training.conditional import NULL_POSITION, ConditionalMLP, condition_metadata
+
+    config = NetConfig(width=width, blocks=1, residual=True, time_embedding="sinusoidal", prediction_type="v")
+    torch.manual_seed(0)
+    net = ConditionalMLP(config, TINY_T, 4, NULL_POSITION)
+    with torch.no_grad():
+        net.null.normal_()
+    metadata = {
+        "num_timesteps": TINY_T,
+        "schedule": "cosine",
+        "prediction_type": "v",
+        "model": {"preset": "tiny-cond-test"},
+        "data": {"mean": [0.0, 0.0], "std": [1.0, 1.0]},
+        "training": {},
+        "condition": condition_metadata(0.3),
+    }
+    return export_checkpoint(net, make_alphas_cumprod("cosine", TINY_T), metadata, path)
