@@ -81,8 +81,10 @@ def choose(models: ModelRepository, request: Request, name: str | None) -> Loade
 
 
 def check_condition(models: ModelRepository, model: LoadedModel, params) -> None:
-    """position and guidance are for conditional models: anywhere else a 422 naming the models that take them."""
-    asked = [name for name in ("position", "guidance") if name in params.model_fields_set]
+    """position and guidance are for conditional models: anywhere else a 422 naming the models that take them.
+    guidance=1 (its default, which generated clients send) changes nothing and is accepted everywhere."""
+    asked = [n for n in ("position", "guidance") if n in params.model_fields_set and getattr(params, n) != 1.0]
+    asked = ["position"] if params.position is not None else asked
     if asked and not model.denoiser.conditional:
         having = [name for name in models.names() if models.get(name).denoiser.conditional]
         raise SamplerError(

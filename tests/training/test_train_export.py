@@ -101,7 +101,7 @@ def test_interrupted_write_leaves_the_previous_checkpoint_intact(tiny_run, tmp_p
     [
         (["--epochs", "0"], "epochs must be >= 1"),
         (["--schedule", "sigmoid"], "valid schedules: cosine, linear, quadratic"),
-        (["--preset", "huge"], "valid presets: default, seed"),
+        (["--preset", "huge"], "valid presets: cond, default, seed"),
         (["--lr", "-1"], "lr must be > 0"),
         (["--device", "tpu"], "invalid device"),
         (["--val-fraction", "1.5"], "val_fraction must be in (0, 1)"),
