@@ -152,6 +152,8 @@ class SamplerSpec:
     default_steps: int | None  # None: all T levels
     params: dict = field(default_factory=dict)  # extra parameter -> (default, low, high, description)
     stochastic: bool = True
+    # False: a sampler for distilled students only (consistency), not measured on ordinary models after training
+    for_diffusion_models: bool = True
 
     def steps_default(self, num_timesteps: int) -> int:
         return num_timesteps if self.default_steps is None else min(self.default_steps, num_timesteps)
@@ -197,6 +199,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             "models)",
             "Song et al. 2023, Algorithm 1",
             2,
+            for_diffusion_models=False,
         ),
     ]
 }

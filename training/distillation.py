@@ -228,4 +228,3 @@ def ode_map(x0_fn: X0Fn, levels: Levels, z: torch.Tensor, path: list[int], order
         rows = z.shape[0]
         z = ode_step(x0_fn, levels, z, torch.full((rows,), s), torch.full((rows,), e), order)
     return z
-

@@ -20,6 +20,8 @@ def quality_summary(denoiser: Denoiser, mean, std, noise: float, n: int = 20_000
     floor = sliced_w2(real, fresh_real(n, noise, seed + 1, mean, std))
     rows = {}
     for name, spec in SAMPLERS.items():
+        if not spec.for_diffusion_models:
+            continue  # the consistency sampler is for distilled students (training/distill.py measures those)
         steps = spec.steps_default(denoiser.num_timesteps)
         points = sample(denoiser, name, n, torch.Generator().manual_seed(seed), steps).numpy()
         w2 = sliced_w2(real, points)
