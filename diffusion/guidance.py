@@ -11,7 +11,7 @@ network output (eps or v) is the same as combining eps or x0: at fixed x both ar
 weights (1 - w) + w sum to one.
 """
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -62,13 +62,5 @@ def guided(denoiser: Denoiser, condition: torch.Tensor, scale: float = 1.0) -> G
     """The denoiser guided towards `condition` ([B] per row; the null value for unconditional rows) at `scale`."""
     if not denoiser.conditional:
         raise ValueError("guidance needs a conditional network (checkpoint metadata 'condition')")
-    return GuidedDenoiser(
-        denoiser.net,
-        denoiser.alphas_cumprod,
-        denoiser.prediction_type,
-        denoiser.device,
-        denoiser.tuned_timesteps,
-        denoiser.null_condition,
-        condition=condition,
-        scale=float(scale),
-    )
+    inherited = {f.name: getattr(denoiser, f.name) for f in fields(Denoiser)}  # whatever Denoiser grows
+    return GuidedDenoiser(**inherited, condition=condition, scale=float(scale))
