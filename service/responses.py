@@ -118,6 +118,7 @@ class StepsRange(_Body):
     min: int
     max: int
     default: int
+    allowed: list[int] | None = Field(None, description="a distilled model: the only step counts it serves")
 
 
 class SamplerParam(_Body):
@@ -173,11 +174,33 @@ class ServedMetadata(CheckpointMetadata):
 class StepBounds(_Body):
     min: int
     max: int
+    allowed: list[int] | None = Field(None, description="a distilled model: the only step counts it serves")
 
 
 class SamplerSupport(_Body):
     steps: StepBounds
     tuned_steps: list[int] = Field(description="step counts with a tuned schedule (spacing=tuned)")
+    distilled_timesteps: dict[str, list[int]] | None = Field(
+        None, description="a distilled model: steps -> the levels it was trained to visit (the only ones it serves)"
+    )
+
+
+class DistilledChoice(_Body):
+    sampler: SamplerName
+    steps: int = Field(ge=1)
+
+
+class DistillationSummary(_Body):
+    """A few-step student (checkpoint metadata `distillation`, checkpoints/README.md)."""
+
+    teacher: str = Field(description="sha256 of the teacher checkpoint", examples=[MODEL_ID])
+    teacher_file: str | None
+    method: str = Field(examples=["consistency"])
+    default: DistilledChoice = Field(description="what a request naming no sampler or steps gets")
+    samplers: dict[str, dict[str, dict]] = Field(
+        description="sampler -> steps -> the setting's levels and measured quality (sliced_w2, precision, recall)"
+    )
+    evaluation: dict | None = Field(description="how the quality was measured")
 
 
 class ModelQuality(_Body):
@@ -216,6 +239,7 @@ class ModelSummary(_Body):
         description="a conditional model (position= and guidance= on the sampling routes), else null"
     )
     samplers: dict[SamplerName, SamplerSupport]
+    distillation: DistillationSummary | None = Field(description="a distilled few-step student, else null")
     quality: ModelQuality
 
 
