@@ -377,7 +377,8 @@ def test_forward_and_reverse_field_x0_and_real_data(page, server):
     page.route("**/field?*", lambda route: route.fulfill(status=503, json={"detail": "field queue full"}))
     _open(page, server)
     page.wait_for_function("document.getElementById('canvas').dataset.forwardFrames > 0")
-    page.check("#show-field")
+    # click, not check(): the page unchecks the box as soon as the 503 arrives, which can be before check() looks
+    page.click("#show-field")
     page.wait_for_function("document.getElementById('error').textContent.includes('field queue full')")
     assert not page.is_checked("#show-field")
     page.unroute("**/field?*")
