@@ -62,7 +62,7 @@ def clip(value, limit: int = ECHO_MAX):
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def reject_repeated_params(request: Request) -> None:
+async def reject_repeated_params(request: Request) -> None:
     """`?n=5&n=7` is ambiguous (FastAPI would take the last silently): 422 naming the parameter."""
     seen, repeated = set(), []
     for name, _ in request.query_params.multi_items():

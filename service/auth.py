@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 _bearer = HTTPBearer(auto_error=False, description="one of SWISSROLL_API_KEYS, when set")
 
 
-def require_api_key(
+async def require_api_key(
     request: Request, _scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     keys = request.app.state.settings.api_keys
