@@ -152,21 +152,24 @@ def parse_tuned_timesteps(tuned, num_timesteps: int) -> dict[str, dict[int, tupl
         if not isinstance(by_steps, dict):
             raise ValueError(f"tuned_timesteps[{sampler!r}] must be an object {{steps: [levels]}}")
         for steps, levels in by_steps.items():
-            ok = (
-                isinstance(levels, list)
-                and all(type(t) is int for t in levels)
-                and str(len(levels)) == steps
-                and levels[:1] == [num_timesteps - 1]
-                and levels[-1] >= 0
-                and all(a > b for a, b in zip(levels, levels[1:], strict=False))
-            )
-            if not ok:
+            ok = isinstance(levels, list) and all(type(t) is int for t in levels)
+            if not (ok and _is_schedule(levels, steps, num_timesteps)):
                 raise ValueError(
                     f"tuned_timesteps[{sampler!r}][{steps!r}] must list {steps} levels, strictly decreasing from "
                     f"{num_timesteps - 1} to >= 0, got {levels!r}"
                 )
             out.setdefault(sampler, {})[int(steps)] = tuple(levels)
     return out
+
+
+def _is_schedule(levels: list[int], steps: str, num_timesteps: int) -> bool:
+    """As many levels as the `steps` key says, strictly decreasing from T-1 to >= 0: what a sampler can visit."""
+    return (
+        str(len(levels)) == steps
+        and levels[:1] == [num_timesteps - 1]
+        and levels[-1] >= 0
+        and all(a > b for a, b in zip(levels, levels[1:], strict=False))
+    )
 
 
 def parse_distillation(distillation, num_timesteps: int) -> tuple[dict[str, dict[int, tuple[int, ...]]], tuple | None]:
@@ -180,14 +183,7 @@ def parse_distillation(distillation, num_timesteps: int) -> tuple[dict[str, dict
     for sampler, by_steps in distillation.samplers.items():
         for steps, setting in by_steps.items():
             levels = setting.levels
-            ok = (
-                steps.isdigit()
-                and str(len(levels)) == steps
-                and levels[:1] == [num_timesteps - 1]
-                and levels[-1] >= 0
-                and all(a > b for a, b in zip(levels, levels[1:], strict=False))
-            )
-            if not ok:
+            if not (steps.isdigit() and _is_schedule(levels, steps, num_timesteps)):
                 raise ValueError(
                     f"distillation.samplers[{sampler!r}][{steps!r}].levels must list {steps} levels, strictly "
                     f"decreasing from {num_timesteps - 1} to >= 0, got {levels!r}"

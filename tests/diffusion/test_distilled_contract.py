@@ -1,16 +1,13 @@
 """A distilled checkpoint (format_version 2, a `distillation` object): validated at load, and served only with the
 sampler and step counts it was made for (diffusion/samplers.py's resolve functions)."""
 
-import json
-import zipfile
-
 import pytest
 import torch
 
 from diffusion.checkpoint import CheckpointError, load_model, read_archive
 from diffusion.checkpoint_schema import SUPPORTED_FORMAT_VERSIONS, format_version_for
 from diffusion.samplers import SamplerError, sample
-from tests.utils.checkpoints import write_tiny_checkpoint
+from tests.utils.checkpoints import edit_metadata, write_tiny_checkpoint
 
 TEACHER = "ab" * 32  # a sha256
 
@@ -33,16 +30,6 @@ def distillation(**overrides):
 
 def write(path, **overrides):
     return write_tiny_checkpoint(path, distillation=distillation(**overrides), tuned_timesteps={})
-
-
-def edit_metadata(path, edit) -> None:
-    with zipfile.ZipFile(path) as z:
-        items = {i.filename: z.read(i.filename) for i in z.infolist()}
-    name = next(n for n in items if n.endswith("extra/metadata.json"))
-    items[name] = json.dumps(edit(json.loads(items[name]))).encode()
-    with zipfile.ZipFile(path, "w") as z:
-        for n, data in items.items():
-            z.writestr(n, data)
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """Start-up: a bad checkpoint or setting stops the process with one line and a non-zero exit code."""
 
-import json
 import os
 import re
 import subprocess
@@ -12,7 +11,7 @@ import torch
 
 from bench.live_server import REPO
 from diffusion.checkpoint import CheckpointError, load_model
-from tests.utils.checkpoints import write_tiny_checkpoint
+from tests.utils.checkpoints import edit_metadata, write_tiny_checkpoint
 
 
 def run_service(tmp_path, **env):
@@ -62,17 +61,6 @@ def test_cuda_requested_without_cuda(tmp_path):
 
 
 # --- the contract checks themselves, in-process ----------------------------------------------------------------
-
-
-def edit_metadata(path, edit) -> None:
-    """Rewrite metadata.json inside a checkpoint archive: edit(dict) -> dict."""
-    with zipfile.ZipFile(path) as z:
-        items = {i.filename: z.read(i.filename) for i in z.infolist()}
-    name = next(n for n in items if n.endswith("extra/metadata.json"))
-    items[name] = json.dumps(edit(json.loads(items[name]))).encode()
-    with zipfile.ZipFile(path, "w") as z:
-        for n, data in items.items():
-            z.writestr(n, data)
 
 
 @pytest.mark.parametrize(

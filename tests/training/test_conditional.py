@@ -1,8 +1,6 @@
 """The conditional network and its checkpoint contract (format_version 2, `condition`): export, loading, refusals."""
 
 import dataclasses
-import json
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ from diffusion.checkpoint import CheckpointError, load_model, read_archive, save
 from diffusion.denoiser import ROW_ALIGN
 from diffusion.guidance import guided
 from diffusion.schedules import make_alphas_cumprod
-from tests.utils.checkpoints import write_tiny_checkpoint
+from tests.utils.checkpoints import edit_metadata, write_tiny_checkpoint
 from training.conditional import NULL_POSITION, ConditionalMLP, condition_metadata
 from training.data import load_swiss_roll, raw_points_at
 from training.export import FoldedConditional, export_checkpoint
@@ -96,16 +94,6 @@ class IgnoresNull(IgnoresCondition):
 class WantsColumn(IgnoresCondition):  # expects c as [B, 1]
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.net(x, t, c[:, 0])
-
-
-def edit_metadata(path, edit) -> None:
-    with zipfile.ZipFile(path) as z:
-        items = {i.filename: z.read(i.filename) for i in z.infolist()}
-    name = next(n for n in items if n.endswith("extra/metadata.json"))
-    items[name] = json.dumps(edit(json.loads(items[name]))).encode()
-    with zipfile.ZipFile(path, "w") as z:
-        for n, data in items.items():
-            z.writestr(n, data)
 
 
 def drop(key):

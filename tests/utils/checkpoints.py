@@ -1,5 +1,8 @@
 """Test helpers shared by the test packages: a tiny checkpoint that honours the contract, and service settings."""
 
+import json
+import zipfile
+
 from diffusion.schedules import make_alphas_cumprod
 from service.settings import Settings
 from training.export import export_checkpoint
@@ -54,3 +57,14 @@ def write_tiny_conditional_checkpoint(path, width=8):
         "condition": condition_metadata(0.3),
     }
     return export_checkpoint(net, make_alphas_cumprod("cosine", TINY_T), metadata, path)
+
+
+def edit_metadata(path, edit) -> None:
+    """Rewrite metadata.json inside a checkpoint archive: edit(dict) -> dict."""
+    with zipfile.ZipFile(path) as z:
+        items = {i.filename: z.read(i.filename) for i in z.infolist()}
+    name = next(n for n in items if n.endswith("extra/metadata.json"))
+    items[name] = json.dumps(edit(json.loads(items[name]))).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in items.items():
+            z.writestr(n, data)
