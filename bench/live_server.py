@@ -5,7 +5,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import httpx
@@ -32,12 +34,27 @@ class LiveServer:
             stderr=subprocess.STDOUT,
             text=True,
         )
+        # The server logs a line per request: read its output as it comes, or the pipe fills (64 KiB, a few hundred
+        # requests) and the server blocks on its next log write, its event loop with it.
+        self._lines: deque[str] = deque(maxlen=20_000)
+        self._reader = threading.Thread(target=self._read_output, daemon=True)
+        self._reader.start()
+
+    def _read_output(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.append(line)
+
+    def output(self) -> str:
+        """What the server has printed so far (its last 20,000 lines); all of it once the process has exited."""
+        if self.proc.poll() is not None:
+            self._reader.join(5)
+        return "".join(self._lines)
 
     def wait_ready(self, timeout: float = 60.0) -> "LiveServer":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.proc.stdout.read()}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
                     return self

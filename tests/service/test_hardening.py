@@ -272,7 +272,7 @@ def test_05_sigterm_cancels_work_past_a_fractional_drain_with_503():
         server.proc.wait(10)
         exited_after = time.monotonic() - sent
         t.join(10)
-        log = server.proc.stdout.read()
+        log = server.output()
     assert server.proc.returncode == 0
     assert result["status"] == 503 and int(result["headers"]["retry-after"]) >= 1, result
     assert "shutting down" in result["body"]
