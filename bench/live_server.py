@@ -22,13 +22,13 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, **env: str):
+    def __init__(self, cwd: Path = REPO, **env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "SWISSROLL_HOST": "127.0.0.1", "SWISSROLL_PORT": str(self.port), **env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service"],
-            cwd=REPO,
+            cwd=cwd,  # another checkout (bench.load --baseline) runs its own code with this interpreter
             env=full_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

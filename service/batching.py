@@ -13,7 +13,7 @@ child task) that waits up to max_wait_ms for company (not at all when nobody els
 as one job through the compute gate. The batch keeps taking members while that job waits for a compute slot; its
 membership ends on the event loop when the slot is granted (gate.run's on_start), so no member list is ever
 touched from a worker thread. A request cancelled or disconnected before then is dropped from its batch; one
-gone after that is marked, and the job stops at its next step when every member is gone. No request leads its
+gone after that is marked (_Request.leave), and the last member to go stops the job at its next step. No request leads its
 batch, so none needs shielding from its own client leaving.
 """
 
@@ -39,11 +39,12 @@ _DISCONNECT_POLL_S = 0.1  # how often a waiting request asks whether its client 
 
 @dataclass(eq=False)
 class _Request:
-    """One caller's place in a batch. Its task sets `gone`; the batch's runner sets the rest."""
+    """One caller's place in a batch. Its task sets `gone` (leave()); the consumer and the batch's runner the rest."""
 
     model: LoadedModel
     plan: Plan
     done: anyio.Event = field(default_factory=anyio.Event)
+    batch: "_Batch | None" = None  # the batch it joined
     started: bool = False  # its batch's job has its compute slot: its rows are being computed
     gone: bool = False  # its caller stopped waiting (cancelled, or the client disconnected)
     points: np.ndarray | None = None
@@ -53,6 +54,14 @@ class _Request:
     def resolve(self, points: np.ndarray | None, timing: Timing | None, error: Exception | None = None) -> None:
         self.points, self.timing, self.error = points, timing, error
         self.done.set()
+
+    def leave(self) -> None:
+        """Its caller stopped waiting. Before its batch starts it is simply not computed; after, the batch's job
+        stops at its next step once no member is waiting for it."""
+        self.gone = True
+        batch = self.batch
+        if self.started and batch is not None and batch.job is not None and all(r.gone for r in batch.members):
+            batch.job.cancelled.set()
 
 
 @dataclass(eq=False)
@@ -64,6 +73,8 @@ class _Batch:
     requests: list[_Request] = field(default_factory=list)
     points: int = 0
     full: anyio.Event = field(default_factory=anyio.Event)
+    members: list[_Request] = field(default_factory=list)  # who is computed: set when the job gets its slot
+    job: Job | None = None  # that job, to stop it when every member has gone
 
 
 def run_batch(model: LoadedModel, plans: list[Plan], job: Job) -> list[np.ndarray]:
@@ -145,7 +156,7 @@ class Batcher:
             finally:
                 self._active -= 1
                 if not request.done.is_set():
-                    request.gone = True  # dropped from its batch if not started; else its job may stop early
+                    request.leave()  # dropped from its batch if not started; else its job may stop early
         if not request.done.is_set():
             raise Cancelled  # the client left before its batch started
         if request.error is not None:
@@ -168,6 +179,7 @@ class Batcher:
                         batch = self._open[key] = _Batch(key, request.model)
                         runners.start_soon(self._run, batch)
                     batch.requests.append(request)
+                    request.batch = batch
                     batch.points += request.plan.n
                     if batch.points >= self.max_batch_points:
                         batch.full.set()
@@ -183,27 +195,26 @@ class Batcher:
         if self._active > 1 or self.gate.busy():
             with anyio.move_on_after(self.max_wait_s):
                 await batch.full.wait()
-        members: list[_Request] = []
+        members = batch.members
 
-        def close() -> None:
+        def close(job: Job) -> None:
             # On the event loop, as the job gets its slot: membership ends; who left before now is not computed.
             if self._open.get(batch.key) is batch:
                 del self._open[batch.key]
             members.extend(r for r in batch.requests if not r.gone)
             if not members:
                 raise Cancelled
+            batch.job = job
             for r in members:
                 r.started = True
 
         def work(job: Job) -> list[np.ndarray]:
             return run_batch(batch.model, [r.plan for r in members], job)
 
-        async def all_gone() -> bool:
-            return all(r.gone for r in members)  # the job stops only when no member is waiting for it
-
         cost = batch.points * batch.requests[0].plan.steps  # members joining later ride along uncounted
         try:
-            results, timing = await self.gate.run(work, all_gone, cost=cost, on_start=close)
+            # No disconnect watcher: members leave through _Request.leave(), which stops the job when none is left.
+            results, timing = await self.gate.run(work, cost=cost, on_start=close)
         except Exception as e:  # delivered to every member
             for r in batch.requests:
                 r.resolve(None, None, e)
@@ -226,7 +237,7 @@ async def _leave_on_disconnect(request: _Request, is_disconnected, scope: anyio.
     # (and is dropped from the batch); after, it is marked gone and waits, so its points stay counted until done.
     while not await is_disconnected():
         await anyio.sleep(_DISCONNECT_POLL_S)
-    request.gone = True
+    request.leave()
     if not request.started:
         scope.cancel()
 

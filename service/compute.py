@@ -200,14 +200,15 @@ class ComputeGate:
         *,
         points: int = 0,
         cost: int = 0,
-        on_start: Callable[[], None] | None = None,
+        on_start: Callable[[Job], None] | None = None,
     ) -> tuple[object, Timing]:
         """Run work(job) on a compute thread once a slot is free: (its result, queue and compute time).
 
         points: the points this job holds in memory (reserved here, released when it returns; refused beyond
-        max_points). cost: points x network evaluations (0: unknown, counted as a small job). on_start: called on
-        the event loop when the job has its slot, just before work goes to the thread (a batch ends its membership
-        there); it may raise (e.g. Cancelled: nobody is left to run for) and the slot is given back.
+        max_points). cost: points x network evaluations (0: unknown, counted as a small job). on_start(job): called
+        on the event loop when the job has its slot, just before work goes to the thread (a batch ends its
+        membership there, and keeps the job to cancel it when all its members have gone); it may raise (e.g.
+        Cancelled: nobody is left to run for) and the slot is given back.
         """
         with self.admit(points):
             if self._waiting >= self.max_queue and self._slots.value == 0:
@@ -224,14 +225,21 @@ class ComputeGate:
             try:
                 if self.aborted.is_set():
                     raise ShuttingDown
+                job = Job(deadline, threading.Event(), blocks=self.blocks, aborted=self.aborted)
                 if on_start is not None:
-                    on_start()
-                return await self._run_in_slot(work, is_disconnected, cost, start, deadline)
+                    on_start(job)
+                return await self._run_in_slot(work, job, is_disconnected, cost, start)
             finally:
                 self._slots.release()
 
     async def _acquire_slot(self, cost: int, deadline: float) -> None:
         """Wait in FIFO order for a slot; refused (503) when it cannot start before the deadline."""
+        if not self._queue:  # nobody waiting: a free slot is this job's at once, with no watcher task to start
+            try:
+                self._slots.acquire_nowait()
+                return
+            except anyio.WouldBlock:
+                pass
         entry, hopeless, acquired = _Waiting(cost), [], False
         self._waiting += 1
         self._queue.append(entry)
@@ -265,28 +273,16 @@ class ComputeGate:
                 scope.cancel()
                 return
 
-    async def _run_in_slot(self, work, is_disconnected, cost: int, start: float, deadline: float):
-        job = Job(deadline, threading.Event(), blocks=self.blocks, aborted=self.aborted)
+    async def _run_in_slot(self, work, job: Job, is_disconnected, cost: int, start: float):
         self._running += 1
         began = time.monotonic()
         token = object()
         self._started[token] = (began, cost)
         try:
-            error: Exception | None = None
-            async with anyio.create_task_group() as tg:
-                if is_disconnected is not None:
-                    tg.start_soon(_watch_disconnect, is_disconnected, job)
-                try:
-                    result = await self._in_compute_thread(work, job)
-                except Exception as e:  # kept out of the task group, which would wrap it in an ExceptionGroup
-                    error = e
-                except BaseException:
-                    # This caller was cancelled (e.g. at shutdown): its worker must not compute on for nobody.
-                    job.cancelled.set()
-                    raise
-                tg.cancel_scope.cancel()
-            if error is not None:
-                raise error
+            if is_disconnected is None:
+                result = await self._in_compute_thread(work, job)
+            else:
+                result = await self._watched(work, job, is_disconnected)
         finally:
             self._running -= 1
             del self._started[token]
@@ -294,11 +290,30 @@ class ComputeGate:
         self._learn(cost, compute_s)
         return result, Timing(began - start, compute_s)
 
+    async def _watched(self, work, job: Job, is_disconnected):
+        """work(job) while a task watches the client: if it leaves, the job stops at its next step."""
+        error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_disconnect, is_disconnected, job)
+            try:
+                result = await self._in_compute_thread(work, job)
+            except Exception as e:  # kept out of the task group, which would wrap it in an ExceptionGroup
+                error = e
+            tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return result
+
     async def _in_compute_thread(self, work, job: Job):
         # The work runs on the gate's own long-lived threads (see __init__); an anyio thread waits for it, so a
-        # cancelled caller returns at once (its job is marked cancelled and stops at its next step).
+        # cancelled caller returns at once, its job marked cancelled: the worker stops at its next step instead of
+        # computing on for nobody (e.g. at shutdown).
         future = self._executor.submit(work, job)
-        return await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True, limiter=self._waiters)
+        try:
+            return await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True, limiter=self._waiters)
+        except BaseException:
+            job.cancelled.set()
+            raise
 
 
 async def _watch_disconnect(is_disconnected: Callable[[], Awaitable[bool]], job: Job) -> None:

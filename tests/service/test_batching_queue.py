@@ -147,3 +147,42 @@ def test_shutdown_answers_queued_requests_instead_of_leaving_them_waiting(tiny_c
 
     anyio.run(main)
     assert outcome == ["503"] and net.rows == []
+
+
+class PausingNet(RecordingNet):
+    """Each call waits for `go` after evaluating: a test can act while the batch's job is mid-run."""
+
+    def __init__(self, net):
+        super().__init__(net)
+        self.entered, self.go = threading.Event(), threading.Event()
+
+    def __call__(self, x, t):
+        out = super().__call__(x, t)
+        self.entered.set()
+        self.go.wait(10)
+        return out
+
+
+def test_a_started_batch_stops_at_its_next_step_once_every_member_has_left(tiny_checkpoint):
+    loaded = load_model(tiny_checkpoint, torch.device("cpu"))
+    net = PausingNet(loaded.denoiser.net)
+    model = replace(loaded, denoiser=replace(loaded.denoiser, net=net))
+    gate = ComputeGate(1, 16, 30)
+    batcher = Batcher(gate, Metrics(), 100_000, max_wait_ms=50)
+    plans = [plan(model, SampleParams(n=20, sampler="ddim", seed=s)) for s in (1, 2)]
+
+    async def main():
+        async with batcher.serving():
+            async with anyio.create_task_group() as leaving:
+                for p in plans:
+                    leaving.start_soon(batcher.sample, model, p)
+                await anyio.to_thread.run_sync(net.entered.wait, 10)  # one batch, computing its first step
+                leaving.cancel_scope.cancel()  # both callers go (e.g. their clients disconnected)
+            net.go.set()
+            with anyio.fail_after(10):
+                while gate.busy():  # the job ends at its next step boundary, not after all of them
+                    await anyio.sleep(0.01)
+
+    anyio.run(main)
+    assert set(net.rows) == {64}, net.rows  # both requests were in the one job
+    assert len(net.rows) < plans[0].steps, f"ran {len(net.rows)} of {plans[0].steps} steps for nobody"
