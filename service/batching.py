@@ -13,8 +13,8 @@ child task) that waits up to max_wait_ms for company (not at all when nobody els
 as one job through the compute gate. The batch keeps taking members while that job waits for a compute slot; its
 membership ends on the event loop when the slot is granted (gate.run's on_start), so no member list is ever
 touched from a worker thread. A request cancelled or disconnected before then is dropped from its batch; one
-gone after that is marked (_Request.leave), and the last member to go stops the job at its next step. No request leads its
-batch, so none needs shielding from its own client leaving.
+gone after that is marked (_Request.leave), and the last member to go stops the job at its next step. No request
+leads its batch, so none needs shielding from its own client leaving.
 """
 
 import math
