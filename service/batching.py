@@ -14,7 +14,8 @@ as one job through the compute gate. The batch keeps taking members while that j
 membership ends on the event loop when the slot is granted (gate.run's on_start), so no member list is ever
 touched from a worker thread. A request cancelled or disconnected before then is dropped from its batch; one
 gone after that is marked (_Request.leave), and the last member to go stops the job at its next step. No request
-leads its batch, so none needs shielding from its own client leaving.
+leads its batch, so none needs shielding from its own client leaving. A request that finds nobody to batch with
+and the compute slot idle runs as a batch of one straight away, through the same run_batch.
 """
 
 import math
@@ -139,6 +140,8 @@ class Batcher:
     async def sample(self, model: LoadedModel, plan: Plan, is_disconnected=None) -> tuple[np.ndarray, Timing]:
         if self._inbox is None:
             raise ShuttingDown
+        if self._active == 0 and not self.gate.busy():
+            return await self._alone(model, plan, is_disconnected)
         request = _Request(model, plan)
         # This request's points count against the gate's bound while it waits: its batch's job runs with points=0.
         with self.gate.admit(plan.n):
@@ -162,6 +165,20 @@ class Batcher:
         if request.error is not None:
             raise request.error
         return request.points, request.timing
+
+    async def _alone(self, model: LoadedModel, plan: Plan, is_disconnected) -> tuple[np.ndarray, Timing]:
+        """Nobody to batch with and an idle slot: its batch of one would start at once, so it skips the queue (and
+        its hops: ~0.3 ms of a lone request). Whoever arrives meanwhile finds the slot busy and queues as usual."""
+        self._active += 1
+        try:
+            (points,), timing = await self.gate.run(
+                lambda job: run_batch(model, [plan], job), is_disconnected, points=plan.n, cost=plan.cost
+            )
+        finally:
+            self._active -= 1
+        self.metrics.batch_points.observe(plan.n)
+        self.metrics.batch_requests.observe(1)
+        return points, timing
 
     async def _consume(self, inbox: MemoryObjectReceiveStream[_Request]) -> None:
         """The one task that forms batches: each request joins its key's open batch, or opens the next one."""

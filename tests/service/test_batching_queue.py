@@ -172,11 +172,16 @@ def test_a_started_batch_stops_at_its_next_step_once_every_member_has_left(tiny_
     plans = [plan(model, SampleParams(n=20, sampler="ddim", seed=s)) for s in (1, 2)]
 
     async def main():
-        async with batcher.serving():
+        release = threading.Event()
+        async with batcher.serving(), anyio.create_task_group() as tg:
+            tg.start_soon(holding_the_only_slot, gate, release)
+            await anyio.wait_all_tasks_blocked()
             async with anyio.create_task_group() as leaving:
                 for p in plans:
                     leaving.start_soon(batcher.sample, model, p)
-                await anyio.to_thread.run_sync(net.entered.wait, 10)  # one batch, computing its first step
+                await anyio.wait_all_tasks_blocked()  # both in one batch, behind the held slot
+                release.set()
+                await anyio.to_thread.run_sync(net.entered.wait, 10)  # the batch's job is computing its first step
                 leaving.cancel_scope.cancel()  # both callers go (e.g. their clients disconnected)
             net.go.set()
             with anyio.fail_after(10):
