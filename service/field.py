@@ -45,6 +45,4 @@ def predict_field(model: LoadedModel, t: int, grid: int, extent: float, job: Job
 
 
 async def run_field(gate: ComputeGate, model: LoadedModel, t: int, grid: int, extent: float, is_disconnected=None):
-    return await gate.run(
-        lambda job: predict_field(model, t, grid, extent, job), is_disconnected, points=grid * grid
-    )
+    return await gate.run(lambda job: predict_field(model, t, grid, extent, job), is_disconnected, points=grid * grid)
