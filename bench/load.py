@@ -1,7 +1,7 @@
 """Throughput and latency under concurrent load, dynamic batching on vs off, against a real server on loopback.
 
-    python -m bench.load                              # ~4 min on 2 CPU cores; writes bench/results/load.{json,md}
-    python -m bench.load --baseline /path/to/checkout # also that checkout's server, interleaved cell by cell
+    python -m bench.load                              # ~6 min on 2 CPU cores; writes bench/results/load.{json,md}
+    python -m bench.load --baseline /path/to/checkout # and that checkout's server, cell by cell in turn (~12 min)
 
 Every cell runs `--repeats` times (median and range reported): a cell of a few hundred requests lasts under a
 second at n = 100, and one such run varies by +-15% on a 2-core machine, as much as the differences we look for.
