@@ -216,6 +216,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         dependencies=[Depends(reject_repeated_params)],
         generate_unique_id_function=operation_id,
         openapi_tags=TAGS,
+        telemetry={kind: settings.opentelemetry for kind in ("tracing", "metrics", "logs")},
     )
     app.state.settings = settings
     app.state.ready = False

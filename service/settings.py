@@ -53,6 +53,9 @@ class Settings(BaseSettings):
         1024, ge=0, le=1 << 30, description="gzip responses at least this large when the client accepts it; 0 = off"
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
+    # FastAPI's native OpenTelemetry (spans, metrics, logs through a configured provider). Off unless asked for:
+    # even with no provider it looks the providers up on every request, ~4% of the event loop at 64 clients (py-spy).
+    opentelemetry: bool = Field(False, description="FastAPI's native OpenTelemetry spans, metrics and logs")
     # CUDA only (ignored on CPU): see service/cuda_fast_path.py and bench/results/gpu.md.
     cuda_kernel: str = Field(
         "auto", pattern=r"^(auto|fused|graph|eager)$", description="auto: fused Triton kernel when possible, else graph"

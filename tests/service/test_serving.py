@@ -103,3 +103,17 @@ def test_memory_stays_flat_over_2000_mixed_requests(tiny_checkpoint):
         growth = _rss_mb() - before
     print(f"RSS growth over 2000 requests: {growth:.1f} MB")
     assert growth < 40, f"resident memory grew {growth:.1f} MB"
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_opentelemetry_is_looked_up_per_request_only_when_enabled(tiny_checkpoint, monkeypatch, enabled):
+    # FastAPI's native telemetry asks OpenTelemetry for its providers on every request unless told not to.
+    from opentelemetry import trace
+
+    lookups = []
+    real = trace.get_tracer_provider
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: lookups.append(1) or real())
+    with TestClient(create_app(make_settings(tiny_checkpoint, opentelemetry=enabled))) as client:
+        before = len(lookups)
+        assert client.get("/sample?n=10&seed=1").status_code == 200
+        assert (len(lookups) > before) == enabled
