@@ -16,14 +16,33 @@ ENERGY_POINTS = 5000
 PR_POINTS = 10000  # k-NN balls of 10k points, as in Kynkaanniemi et al.'s reference setting
 
 
+def _directions(n_projections: int, seed: int) -> np.ndarray:
+    theta = np.random.default_rng(seed).normal(size=(n_projections, 2))
+    return theta / np.linalg.norm(theta, axis=1, keepdims=True)
+
+
 def sliced_w2(a: np.ndarray, b: np.ndarray, n_projections: int = N_PROJECTIONS, seed: int = 0) -> float:
     if len(a) != len(b):
         m = min(len(a), len(b))
         a, b = a[:m], b[:m]
-    theta = np.random.default_rng(seed).normal(size=(n_projections, 2))
-    theta /= np.linalg.norm(theta, axis=1, keepdims=True)
+    theta = _directions(n_projections, seed)
     pa, pb = np.sort(a @ theta.T, axis=0), np.sort(b @ theta.T, axis=0)
     return float(np.sqrt(((pa - pb) ** 2).mean()))
+
+
+class SlicedW2To:
+    """sliced_w2(real, b) for many clouds b against one real cloud, as a search needs: the real cloud's sorted
+    projections are computed once, and each projection is sorted along a contiguous row (~5x faster than
+    sliced_w2's column sort on 50,000 points; the same sorted values, the mean summed in another order)."""
+
+    def __init__(self, real: np.ndarray, n_projections: int = N_PROJECTIONS, seed: int = 0):
+        self.theta = _directions(n_projections, seed)
+        self.real = np.sort(self.theta @ real.T, axis=1)
+
+    def __call__(self, b: np.ndarray) -> float:
+        if len(b) != self.real.shape[1]:
+            raise ValueError(f"{len(b)} points against a real cloud of {self.real.shape[1]}")
+        return float(np.sqrt(((self.real - np.sort(self.theta @ b.T, axis=1)) ** 2).mean()))
 
 
 def energy_distance(a: np.ndarray, b: np.ndarray, max_points: int = ENERGY_POINTS) -> float:

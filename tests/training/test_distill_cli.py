@@ -21,7 +21,8 @@ def run(tmp_path_factory):
     argv = [
         "--teacher", str(tmp / "teacher.pt"), "--out", str(tmp / "fast.pt"), "--students-dir", str(tmp),
         "--first-round-iterations", "2", "--round-iterations", "2", "--consistency-iterations", "2",
-        "--batch-size", "64", "--eval-points", "500", "--no-progress",
+        "--batch-size", "64", "--eval-points", "500", "--search-seeds", "2", "--search-points", "300",
+        "--no-progress",
     ]  # fmt: skip
     # One torch thread, as the rest of the suite runs: distil() sets the count from SWISSROLL_TORCH_THREADS, and
     # two threads' barriers on tiny batches crawl on a busy machine. The process's count is restored after.
