@@ -10,6 +10,11 @@ then by coordinate descent, on sliced W2 averaged over several seeds). Each stud
 fresh real data, k-NN precision and recall) next to the teacher's default; the method with the lower mean sliced W2
 over the step counts both serve is exported, with its settings and their quality in the checkpoint's
 `distillation` object (checkpoints/README.md).
+
+--student-width / --student-blocks choose a student of another shape than its teacher (fewer FLOPs per evaluation;
+distilling into a smaller student, Hinton et al. 2015). It cannot copy the teacher, so it starts fresh and is first
+fitted to the teacher's output for --init-iterations (training/distillation.py: regress_teacher); both methods then
+start from that network, with the original teacher as their teacher. The checkpoint's `model` describes the student.
 """
 
 import argparse
@@ -35,11 +40,12 @@ from training.distillation import (
     Levels,
     consistency_distillation,
     progressive_distillation,
+    regress_teacher,
     x0_predictor,
 )
 from training.evaluate import fresh_real
 from training.export import export_checkpoint
-from training.student import FoldedStudent
+from training.student import FoldedStudent, teacher_shape
 from training.timestep_search import TUNING_SEED
 
 METHODS = ("progressive", "consistency")
@@ -61,6 +67,11 @@ class DistillConfig:
     batch_size: int = 2048
     lr: float = 3e-4
     target_ema: float = 0.95
+    # The student's shape; 0 = the teacher's (a copy of it, no initialisation phase): today's students.
+    student_width: int = 0
+    student_blocks: int = 0
+    init_iterations: int = 2000  # another shape: the regression on the teacher's output before either method
+    init_lr: float = 1e-3  # a fresh network, not a copy to nudge: the teacher's own training rate
     seed: int = 0
     eval_points: int = 20_000
     search_seeds: int = 4  # the consistency level search averages sliced W2 over this many seeds ...
@@ -85,6 +96,43 @@ class Student:
     levels: dict[int, list[int]]
     seconds: float
     quality: dict[int, dict] = field(default_factory=dict)
+
+
+@dataclass
+class Initial:
+    """What every method's student starts from: a copy of the teacher, or a network of another shape fitted to it."""
+
+    net: FoldedStudent
+    how: dict  # the checkpoint's model.initialisation
+    seconds: float = 0.0
+
+    def student(self) -> FoldedStudent:
+        return copy.deepcopy(self.net).requires_grad_(True)
+
+
+def initial_student(config, teacher_net: FoldedStudent, levels, data, residual: bool, log) -> Initial:
+    """The teacher's copy when the student has its shape (Salimans & Ho 2022); otherwise a fresh network of the
+    asked shape regressed on the teacher's output (regress_teacher), once, shared by every method."""
+    width, blocks = teacher_shape(teacher_net)
+    shape = (config.student_width or width, config.student_blocks or blocks)
+    if shape == (width, blocks):
+        return Initial(teacher_net, {"from": "a copy of the teacher"})
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    net = FoldedStudent.fresh(*shape, levels.num_timesteps, residual)
+    budget = Budget(config.init_iterations, config.batch_size, config.init_lr)
+    losses = regress_teacher(net, teacher_net, levels, data, budget, torch.Generator().manual_seed(config.seed))
+    seconds = time.perf_counter() - start
+    final = float(np.mean(losses[-100:])) if losses else None
+    log(f"student {shape[0]} x {shape[1]}: regressed on the teacher ({seconds:.0f} s, final loss {final})")
+    how = {
+        "from": "regression on the teacher's output (v) on the forward process",
+        "iterations": config.init_iterations,
+        "final_loss": None if final is None else round(final, 6),
+        "teacher_width": width,
+        "teacher_blocks": blocks,
+    }
+    return Initial(net, how, seconds)
 
 
 def denoiser_of(net, alphas_cumprod, sampler: str, levels: dict[int, list[int]]) -> Denoiser:
@@ -215,9 +263,8 @@ def distil(config: DistillConfig) -> dict:
     residual = meta.get("model", {}).get("residual", True)
     # The teacher runs as a Python copy of its weights (the same function, bit for bit): TorchScript's profiling
     # executor is much slower for the many small calls of a distillation run.
-    teacher_x0 = x0_predictor(
-        FoldedStudent.from_teacher(teacher.denoiser.net, residual).requires_grad_(False), "v", levels
-    )
+    teacher_net = FoldedStudent.from_teacher(teacher.denoiser.net, residual).requires_grad_(False)
+    teacher_x0 = x0_predictor(teacher_net, "v", levels)
     real = fresh_real(config.eval_points, d["noise"], EVAL_SEED, d["mean"], d["std"])
     # The level search's own seeds: TUNING_SEED + k, disjoint from EVAL_SEED and from bench.distillation's.
     search_seeds = [TUNING_SEED + k for k in range(config.search_seeds)]
@@ -225,15 +272,17 @@ def distil(config: DistillConfig) -> dict:
 
     reference = measure(teacher.denoiser, "ddpm", len(ab), real, EVAL_SEED)
     log(f"teacher ddpm@{len(ab)}: {reference}")
+    initial = initial_student(config, teacher_net, levels, roll.train, residual, log)
     students = []
     for method in methods:
         generator = torch.Generator().manual_seed(config.seed)
         torch.manual_seed(config.seed)
-        net0 = FoldedStudent.from_teacher(teacher.denoiser.net, residual)
+        net0 = initial.student()
         if method == "progressive":
             student = distil_progressive(config, net0, teacher_x0, levels, roll.train, generator, log)
         else:
             student = distil_consistency(config, net0, teacher_x0, levels, roll.train, generator, log, search_reals)
+        student.seconds += initial.seconds  # the shared initialisation counted in each method's cost
         for steps, net in student.nets.items():
             den = denoiser_of(net, ab, student.sampler, {steps: student.levels[steps]})
             student.quality[steps] = measure(den, student.sampler, steps, real, EVAL_SEED)
@@ -248,9 +297,9 @@ def distil(config: DistillConfig) -> dict:
             if config.students_dir:
                 path = Path(config.students_dir) / f"{student.method}-{'-'.join(map(str, steps_served))}.pt"
                 export_checkpoint(
-                    *student_file(config, teacher, student, steps_served, students, reference, ab64), path
+                    *student_file(config, teacher, student, steps_served, students, reference, ab64, initial), path
                 )
-    net, _, meta_best = student_file(config, teacher, best, served_sets(best)[0], students, reference, ab64)
+    net, _, meta_best = student_file(config, teacher, best, served_sets(best)[0], students, reference, ab64, initial)
     export_checkpoint(net, ab64, meta_best, config.out)
     log(f"wrote {config.out}: {best.method}, {meta_best['distillation']['samplers']}")
     metadata = meta_best
@@ -266,14 +315,23 @@ def served_sets(student: Student, every: bool = False) -> list[list[int]]:
     return [[k] for k in sorted(student.nets)] if every else [[2]]
 
 
-def student_file(config, teacher, student: Student, steps: list[int], students, reference, ab64):
+def student_file(config, teacher, student: Student, steps: list[int], students, reference, ab64, initial: Initial):
     settings = {str(k): {"levels": student.levels[k], **student.quality[k]} for k in steps}
     default = {"sampler": student.sampler, "steps": 2 if 2 in steps else steps[0]}
-    metadata = describe(config, teacher, student, ({student.sampler: settings}, default), students, reference)
-    return student.nets[steps[0]].inference(), ab64, metadata
+    net = student.nets[steps[0]]
+    model = describe_model(teacher, net, initial)
+    metadata = describe(config, teacher, student, ({student.sampler: settings}, default), students, reference, model)
+    return net.inference(), ab64, metadata
 
 
-def describe(config, teacher, best: Student, served, students: list[Student], reference: dict) -> dict:
+def describe_model(teacher, net: FoldedStudent, initial: Initial) -> dict:
+    """The checkpoint's `model`: the student's own network (its shape, parameters and FLOPs, which a smaller
+    student does not share with its teacher), how it was initialised, and the teacher's preset it descends from."""
+    preset = teacher.metadata.get("model", {}).get("preset", "teacher")
+    return {"preset": f"{preset}-distilled", **net.describe(), "initialisation": initial.how}
+
+
+def describe(config, teacher, best: Student, served, students: list[Student], reference: dict, model: dict) -> dict:
     """The student's metadata: the teacher's recipe and schedule, plus the `distillation` object (format 2)."""
     meta = teacher.metadata
     samplers, default = served
@@ -281,7 +339,7 @@ def describe(config, teacher, best: Student, served, students: list[Student], re
         "num_timesteps": meta["num_timesteps"],
         "schedule": meta["schedule"],
         "prediction_type": "v",
-        "model": {**meta.get("model", {}), "preset": f"{meta.get('model', {}).get('preset', 'teacher')}-distilled"},
+        "model": model,
         "data": meta["data"],
         "training": {
             "config": {k: v for k, v in asdict(config).items() if k != "progress"},

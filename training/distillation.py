@@ -10,6 +10,8 @@ z_e = alpha_e x + sigma_e (z_s - alpha_s x) / sigma_s.
   (k = 2 in the paper; the first round here distils the 40-level teacher's second-order solve k = 5 levels at a
   time); rounds halve the steps.
 - consistency_distillation: Song et al. 2023, Algorithm 2 (consistency distillation), on the teacher's own levels.
+- regress_teacher: knowledge distillation of the denoiser itself (Hinton et al. 2015, on the network output): a
+  student of another shape is fitted to the teacher's v on the forward process before either method starts from it.
 """
 
 import copy
@@ -104,6 +106,38 @@ def _optimizer(student: nn.Module, budget: Budget):
     optimizer = torch.optim.Adam(student.parameters(), lr=budget.lr)
     decay = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, budget.final_lr_fraction, total_iters=budget.iterations)
     return optimizer, decay
+
+
+def regress_teacher(
+    student: nn.Module,
+    teacher: nn.Module,
+    levels: Levels,
+    data: torch.Tensor,
+    budget: Budget,
+    generator: torch.Generator,
+) -> list[float]:
+    """Fit `student` (in place) to the teacher's network output: z_t = alpha_t x + sigma_t eps from the data at a
+    uniform random level, target teacher(z_t, t) (v). The few-step methods assume a student that already is
+    (nearly) its teacher's function, which a copy gives for free and a smaller network has to learn; the target
+    is deterministic given z_t, so this converges much faster than training on the noisy eps/v targets. Returns
+    the loss per iteration."""
+    T = levels.num_timesteps
+    optimizer, decay = _optimizer(student, budget)
+    losses = []
+    for _ in range(budget.iterations):
+        x = data[torch.randint(0, data.shape[0], (budget.batch_size,), generator=generator)]
+        t = torch.randint(0, T, (budget.batch_size,), generator=generator)
+        z = levels.noised(x, t, torch.randn(x.shape, generator=generator))
+        with torch.no_grad():
+            target = teacher(z, t)
+        # The same v-space squared error as the methods below, so the phases optimise one consistent measure.
+        loss = nn.functional.mse_loss(student(z, t), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        decay.step()
+        losses.append(loss.item())
+    return losses
 
 
 def progressive_round(

@@ -4,7 +4,13 @@ The committed teacher is an exported FoldedDenoiser (training/export.py): h0 = x
 blocks, a linear head. Its state is read from the checkpoint like any consumer reads it; the student starts as the
 same function (Salimans & Ho 2022 initialise each student from its teacher) and every parameter, the per-level
 bias table included, is trained.
+
+A student of another width or depth (fewer FLOPs per evaluation: the network is the bulk of a 2-evaluation request)
+cannot copy its teacher: it starts `fresh` and is first fitted to the teacher's output (knowledge distillation of
+the denoiser, training/distillation.py: regress_teacher) before the few-step distillation proper.
 """
+
+import math
 
 import torch
 from torch import nn
@@ -26,20 +32,67 @@ class FoldedStudent(nn.Module):
     @classmethod
     def from_teacher(cls, net: nn.Module, residual: bool = True) -> "FoldedStudent":
         """A copy of an exported FoldedDenoiser (a checkpoint's module, its `net`); ValueError for another layout."""
-        state = {k.removeprefix("net."): v for k, v in net.state_dict().items() if k != "alphas_cumprod"}
-        if "w_x" not in state or "level_bias" not in state:
-            raise ValueError("the teacher is not an exported FoldedDenoiser (no w_x / level_bias): cannot copy it")
+        state = teacher_state(net)
         width, num_timesteps = state["w_x"].shape[1], state["level_bias"].shape[0]
         blocks = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
         student = cls(width, blocks, num_timesteps, residual)
         student.load_state_dict({k: v.float().clone() for k, v in state.items()})
         return student
 
+    @classmethod
+    def fresh(cls, width: int, blocks: int, num_timesteps: int, residual: bool = True) -> "FoldedStudent":
+        """A new network of this shape (torch's global generator), initialised as the unfolded first layer
+        nn.Linear(2, width) would be: every level's bias starts equal, the level is learned into the table."""
+        student = cls(width, blocks, num_timesteps, residual)
+        bound = 1 / math.sqrt(2)  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 2
+        with torch.no_grad():
+            student.w_x.uniform_(-bound, bound)
+            student.level_bias.copy_(torch.empty(width).uniform_(-bound, bound).expand(num_timesteps, width))
+        return student
+
+    @property
+    def width(self) -> int:
+        return self.w_x.shape[1]
+
+    def describe(self) -> dict:
+        """The checkpoint's `model` fields for this network (its own shape, not its teacher's)."""
+        return {
+            "architecture": "FoldedStudent",
+            "width": self.width,
+            "blocks": len(self.blocks),
+            "residual": bool(self.blocks[0].residual) if len(self.blocks) else True,
+            "time_embedding": "level table",  # a free per-level bias, trained (no time features to evaluate)
+            "prediction_type": "v",
+            "parameters": sum(p.numel() for p in self.parameters()),
+            "flops_per_sample": flops_per_sample(self.width, len(self.blocks)),
+        }
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.out(self.blocks(torch.addmm(self.level_bias[t], x, self.w_x)))
 
     def inference(self) -> nn.Module:
         return InferenceStudent(self)
+
+
+def teacher_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """An exported FoldedDenoiser's weights by the student's names; ValueError for another layout."""
+    state = {k.removeprefix("net."): v for k, v in net.state_dict().items() if k != "alphas_cumprod"}
+    if "w_x" not in state or "level_bias" not in state:
+        raise ValueError("the teacher is not an exported FoldedDenoiser (no w_x / level_bias): cannot copy it")
+    return state
+
+
+def teacher_shape(net: nn.Module) -> tuple[int, int]:
+    """(width, blocks) of an exported FoldedDenoiser."""
+    state = teacher_state(net)
+    return state["w_x"].shape[1], len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+
+
+def flops_per_sample(width: int, blocks: int) -> int:
+    """Multiply-adds x 2 of one folded forward pass for one point, as training/model.py counts them (the Linear
+    layers): x W_x (2 x width), the blocks (width^2 each), the head (width x 2). The level table is a gather and an
+    add, negligible like the activations; the time features the unfolded teacher counts are not evaluated."""
+    return 2 * (2 * width + blocks * width**2 + width * 2)
 
 
 class InferenceStudent(nn.Module):
