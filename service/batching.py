@@ -15,7 +15,7 @@ membership ends on the event loop when the slot is granted (gate.run's on_start)
 touched from a worker thread. A request cancelled or disconnected before then is dropped from its batch; one
 gone after that is marked (_Request.leave), and the last member to go stops the job at its next step. No request
 leads its batch, so none needs shielding from its own client leaving. A request that finds nobody to batch with
-and the compute slot idle runs as a batch of one straight away, through the same run_batch.
+and the compute slot idle runs straight away as an unbatched request (jobs.run_plan): the same points.
 """
 
 import math
@@ -32,7 +32,7 @@ from diffusion.denoiser import ROW_ALIGN
 from diffusion.noise import from_sources, initial_noise
 from service.blocks import run_sampler
 from service.compute import Cancelled, ComputeGate, Job, ShuttingDown, Timing
-from service.jobs import Plan, computation_key, conditioned
+from service.jobs import Plan, computation_key, conditioned, run_plan
 from service.metrics import Metrics
 
 _DISCONNECT_POLL_S = 0.1  # how often a waiting request asks whether its client is still there
@@ -167,12 +167,13 @@ class Batcher:
         return request.points, request.timing
 
     async def _alone(self, model: LoadedModel, plan: Plan, is_disconnected) -> tuple[np.ndarray, Timing]:
-        """Nobody to batch with and an idle slot: its batch of one would start at once, so it skips the queue (and
-        its hops: ~0.3 ms of a lone request). Whoever arrives meanwhile finds the slot busy and queues as usual."""
+        """Nobody to batch with and an idle slot: its batch of one would start at once, so it runs as an unbatched
+        request does (the same points, bit for bit), without the queue's hops or a batch's padding rows and
+        per-source noise. Whoever arrives meanwhile finds the slot busy and queues as usual."""
         self._active += 1
         try:
-            (points,), timing = await self.gate.run(
-                lambda job: run_batch(model, [plan], job), is_disconnected, points=plan.n, cost=plan.cost
+            (points, _, _), timing = await self.gate.run(
+                lambda job: run_plan(model, plan, job), is_disconnected, points=plan.n, cost=plan.cost
             )
         finally:
             self._active -= 1
