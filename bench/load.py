@@ -6,7 +6,8 @@
 Every cell runs `--repeats` times (median and range reported): a cell of a few hundred requests lasts under a
 second at n = 100, and one such run varies by +-15% on a 2-core machine, as much as the differences we look for.
 With --baseline, the other checkout's `python -m service` (e.g. a `git worktree` at an earlier commit) runs beside
-this one (the idle server costs nothing) and each cell alternates between the two, so both see the same machine.
+this one (the idle server costs nothing) and each cell alternates between the two (who goes first alternates too),
+so both see the same machine.
 """
 
 import argparse
@@ -120,8 +121,9 @@ def main(argv=None) -> None:
             for n in SIZES:
                 for clients in CLIENTS:
                     runs: dict[str, list[dict]] = {name: [] for name in live}
-                    for _ in range(args.repeats):
-                        for name, server in live.items():
+                    for repeat in range(args.repeats):
+                        order = list(live.items())  # who goes first alternates: no server always follows the other
+                        for name, server in order if repeat % 2 == 0 else order[::-1]:
                             runs[name].append(run_cell(server.url, n, clients))
                     for name, cell in runs.items():
                         row = {"server": name, "batching": batching, **summarize(cell)}
