@@ -102,6 +102,15 @@ class Budget:
     final_lr_fraction: float = 0.05
 
 
+def _descend(optimizer, decay, loss: torch.Tensor) -> float:
+    """One optimizer step on `loss` and one step of the learning-rate decay; the loss's value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    decay.step()
+    return loss.item()
+
+
 def _optimizer(student: nn.Module, budget: Budget):
     optimizer = torch.optim.Adam(student.parameters(), lr=budget.lr)
     decay = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, budget.final_lr_fraction, total_iters=budget.iterations)
@@ -132,11 +141,7 @@ def regress_teacher(
             target = teacher(z, t)
         # The same v-space squared error as the methods below, so the phases optimise one consistent measure.
         loss = nn.functional.mse_loss(student(z, t), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        decay.step()
-        losses.append(loss.item())
+        losses.append(_descend(optimizer, decay, loss))
     return losses
 
 
@@ -175,11 +180,7 @@ def progressive_round(
             x_tilde = progressive_target(levels, z_s, z, s, e)  # 9.
         # 10. L = max(SNR, 1)-like weighting: v-space MSE is (1 + SNR) |x - x~|^2.
         loss = nn.functional.mse_loss(student(z_s, s), v_target(levels, z_s, x_tilde, s))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        decay.step()
-        losses.append(loss.item())
+        losses.append(_descend(optimizer, decay, loss))
     return losses
 
 
@@ -245,14 +246,10 @@ def consistency_distillation(
             x_target = torch.where(clean, z_e, f_target(z_e, e.clamp(min=0)))  # f(x, eps) = x at the boundary
         # 6. d(f_theta(x_{t_{n+1}}), f_theta-(x^_{t_n})): squared error, in v units (weight 1 + SNR as above).
         loss = nn.functional.mse_loss(student(z_n, n), v_target(levels, z_n, x_target, n))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        decay.step()
+        losses.append(_descend(optimizer, decay, loss))
         with torch.no_grad():  # 7. theta- <- stopgrad(mu theta- + (1 - mu) theta)
             for p_t, p in zip(target.parameters(), student.parameters(), strict=True):
                 p_t.lerp_(p, 1 - target_ema)
-        losses.append(loss.item())
     return losses
 
 

@@ -1,14 +1,13 @@
 """python -m training.distill end to end on a tiny teacher: every student written, the best exported as a valid
 distilled checkpoint (format_version 2) that names its teacher and serves only what it was made for."""
 
-import os
-
 import pytest
 import torch
 
 from diffusion.checkpoint import load_model, read_archive
 from diffusion.samplers import SamplerError, sample
-from training.distill import distil, parse_args
+from tests.utils.distill import distil_on_one_thread
+from training.distill import parse_args
 from training.train import TrainConfig, train
 
 TINY = dict(epochs=1, batch_size=256, n_samples=2000, progress=False, loss_curve=False, evaluate=False)
@@ -24,18 +23,7 @@ def run(tmp_path_factory):
         "--batch-size", "64", "--eval-points", "500", "--search-seeds", "2", "--search-points", "300",
         "--no-progress",
     ]  # fmt: skip
-    # One torch thread, as the rest of the suite runs: distil() sets the count from SWISSROLL_TORCH_THREADS, and
-    # two threads' barriers on tiny batches crawl on a busy machine. The process's count is restored after.
-    threads, saved = torch.get_num_threads(), os.environ.get("SWISSROLL_TORCH_THREADS")
-    os.environ["SWISSROLL_TORCH_THREADS"] = "1"
-    try:
-        metadata = distil(parse_args(argv))
-    finally:
-        torch.set_num_threads(threads)
-        if saved is None:
-            del os.environ["SWISSROLL_TORCH_THREADS"]
-        else:
-            os.environ["SWISSROLL_TORCH_THREADS"] = saved
+    metadata = distil_on_one_thread(argv)
     return tmp, metadata
 
 

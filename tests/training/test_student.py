@@ -1,14 +1,12 @@
 """A student of another shape than its teacher: fresh, fitted to the teacher's output (regress_teacher), and the
 checkpoint describing the student's own network, not the teacher's."""
 
-import os
-
 import pytest
 import torch
 
 from diffusion.checkpoint import load_model
 from diffusion.schedules import make_alphas_cumprod
-from training.distill import distil, parse_args
+from tests.utils.distill import distil_on_one_thread
 from training.distillation import Budget, Levels, regress_teacher
 from training.student import FoldedStudent, flops_per_sample, teacher_shape
 from training.train import TrainConfig, train
@@ -59,16 +57,7 @@ def run(tmp_path_factory):
         "--student-width", "16", "--student-blocks", "2", "--init-iterations", "3",
         "--consistency-iterations", "2", "--batch-size", "64", "--eval-points", "500", "--no-progress",
     ]  # fmt: skip
-    threads, saved = torch.get_num_threads(), os.environ.get("SWISSROLL_TORCH_THREADS")
-    os.environ["SWISSROLL_TORCH_THREADS"] = "1"  # as test_distill_cli.py: tiny batches, one thread
-    try:
-        metadata = distil(parse_args(argv))
-    finally:
-        torch.set_num_threads(threads)
-        if saved is None:
-            del os.environ["SWISSROLL_TORCH_THREADS"]
-        else:
-            os.environ["SWISSROLL_TORCH_THREADS"] = saved
+    metadata = distil_on_one_thread(argv)
     return tmp, metadata
 
 
