@@ -55,7 +55,8 @@ def run(tmp_path_factory):
     argv = [
         "--teacher", str(tmp / "teacher.pt"), "--out", str(tmp / "small.pt"), "--methods", "consistency",
         "--student-width", "16", "--student-blocks", "2", "--init-iterations", "3",
-        "--consistency-iterations", "2", "--batch-size", "64", "--eval-points", "500", "--no-progress",
+        "--consistency-iterations", "2", "--batch-size", "64", "--eval-points", "500", "--search-seeds", "2",
+        "--search-points", "300", "--no-progress",
     ]  # fmt: skip
     metadata = distil_on_one_thread(argv)
     return tmp, metadata
