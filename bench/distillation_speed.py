@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench.live_server import LiveServer
+from bench.live_server import REPO, LiveServer
 from diffusion.checkpoint import load_model
 from diffusion.cpus import threads_from_env
 from diffusion.samplers import sample
@@ -49,8 +49,12 @@ def in_process_ms() -> dict[str, float]:
     torch.set_num_threads(threads_from_env().threads)
     cpu = torch.device("cpu")
     runs = {
-        "default ddpm@40": (load_model("checkpoints/swissroll.pt", cpu).denoiser, "ddpm", 40),
-        "swissroll-fast consistency@2": (load_model("checkpoints/swissroll-fast.pt", cpu).denoiser, "consistency", 2),
+        "default ddpm@40": (load_model(REPO / "checkpoints/swissroll.pt", cpu).denoiser, "ddpm", 40),
+        "swissroll-fast consistency@2": (
+            load_model(REPO / "checkpoints/swissroll-fast.pt", cpu).denoiser,
+            "consistency",
+            2,
+        ),
     }
     times: dict[str, list[float]] = {label: [] for label in runs}
     for rep in range(REPS + 2):  # the first two are warm-up

@@ -15,7 +15,7 @@ membership ends on the event loop when the slot is granted (gate.run's on_start)
 touched from a worker thread. A request cancelled or disconnected before then is dropped from its batch; one
 gone after that is marked (_Request.leave), and the last member to go stops the job at its next step. No request
 leads its batch, so none needs shielding from its own client leaving. A request that finds nobody to batch with
-and the compute slot idle runs straight away as an unbatched request (jobs.run_plan): the same points.
+and the compute slot idle goes to the gate straight away; any batch of one runs as an unbatched request would.
 """
 
 import math
@@ -60,9 +60,9 @@ class _Request:
         """Its caller stopped waiting. Before its batch starts it is simply not computed; after, the batch's job
         stops at its next step once no member is waiting for it."""
         self.gone = True
-        batch = self.batch
-        if self.started and batch is not None and batch.job is not None and all(r.gone for r in batch.members):
-            batch.job.cancelled.set()
+        # started: its batch's job has its slot (close() set batch.job before marking its members started)
+        if self.started and all(r.gone for r in self.batch.members):
+            self.batch.job.cancelled.set()
 
 
 @dataclass(eq=False)
@@ -79,7 +79,10 @@ class _Batch:
 
 
 def run_batch(model: LoadedModel, plans: list[Plan], job: Job) -> list[np.ndarray]:
-    """One sampler run over all plans' rows; each plan's block starts on a ROW_ALIGN boundary."""
+    """One sampler run over all plans' rows; each plan's block starts on a ROW_ALIGN boundary. A batch of one runs
+    as an unbatched request (jobs.run_plan: the same points, without padding rows or per-source noise)."""
+    if len(plans) == 1:
+        return [run_plan(model, plans[0], job)[0]]
     device = model.device
     sources, starts, rows, conditions = [], [], 0, []
     for p in plans:
@@ -167,13 +170,12 @@ class Batcher:
         return request.points, request.timing
 
     async def _alone(self, model: LoadedModel, plan: Plan, is_disconnected) -> tuple[np.ndarray, Timing]:
-        """Nobody to batch with and an idle slot: its batch of one would start at once, so it runs as an unbatched
-        request does (the same points, bit for bit), without the queue's hops or a batch's padding rows and
-        per-source noise. Whoever arrives meanwhile finds the slot busy and queues as usual."""
+        """Nobody to batch with and an idle slot: its batch of one would start at once, so it goes straight to the
+        gate, without the queue's hops. Whoever arrives meanwhile finds the slot busy and queues as usual."""
         self._active += 1
         try:
-            (points, _, _), timing = await self.gate.run(
-                lambda job: run_plan(model, plan, job), is_disconnected, points=plan.n, cost=plan.cost
+            (points,), timing = await self.gate.run(
+                lambda job: run_batch(model, [plan], job), is_disconnected, points=plan.n, cost=plan.cost
             )
         finally:
             self._active -= 1
