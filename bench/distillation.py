@@ -108,6 +108,7 @@ def markdown(results: dict) -> str:
         f"`{results['teacher']}`; students: {', '.join(f'`{s}`' for s in results['students'])} "
         "(made by `python -m training.distill`; the kept one is `checkpoints/swissroll-fast.pt`). Reference: "
         "fresh Swiss-roll points per seed, never trained on; precision/recall: k-NN (k = 5) on the first 10,000. "
+        f"Students' hidden GEMMs as served on this CPU (diffusion/folded.py): {_gemms(results)}. "
         "Ratio: the row's sliced W2 over the default's (ddpm@40) on the same real points, per seed (mean ± sd), "
         "and as a ratio of the means.",
         "",
@@ -128,6 +129,13 @@ def markdown(results: dict) -> str:
     if results.get("notes"):
         lines += ["## Notes", "", *results["notes"], ""]
     return "\n".join(lines)
+
+
+def _gemms(results: dict) -> str:
+    by_type: dict[str, list[str]] = {}
+    for name, dtype in results.get("student_gemms", {}).items():
+        by_type.setdefault(dtype, []).append(f"`{name}`")
+    return "; ".join(f"{dtype} for {', '.join(names)}" for dtype, names in by_type.items()) or "not recorded"
 
 
 def plot(teacher, students: list, path: Path, n: int = 10_000) -> None:
@@ -182,6 +190,8 @@ def main() -> None:
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "teacher": args.teacher,
             "students": [s.path.name for s in students],
+            # As the service runs them here (diffusion/folded.py): the numbers are those of the served function.
+            "student_gemms": {s.path.name: "bfloat16" if s.denoiser.cpu_net else "float32" for s in students},
             **evaluate(teacher, students, args.n, seeds),
         }
         RESULTS.mkdir(exist_ok=True)

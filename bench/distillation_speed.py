@@ -18,6 +18,7 @@ import torch
 from bench.live_server import REPO, LiveServer
 from diffusion.checkpoint import load_model
 from diffusion.cpus import threads_from_env
+from diffusion.folded import cpu_has_bf16_units
 from diffusion.samplers import sample
 from service.__main__ import tune_allocator
 
@@ -37,6 +38,7 @@ ROWS = {
     ]
 }
 REPS = 30
+FLOAT32 = "swissroll-fast consistency@2, float32 GEMMs"
 
 
 def _format_of(label: str) -> str:
@@ -55,6 +57,8 @@ def in_process_ms() -> dict[str, float]:
             "consistency",
             2,
         ),
+        # The same file with SWISSROLL_CPU_BF16=false: its hidden GEMMs in float32 (diffusion/folded.py).
+        FLOAT32: (load_model(REPO / "checkpoints/swissroll-fast.pt", cpu, cpu_bf16=False).denoiser, "consistency", 2),
     }
     times: dict[str, list[float]] = {label: [] for label in runs}
     for rep in range(REPS + 2):  # the first two are warm-up
@@ -64,6 +68,17 @@ def in_process_ms() -> dict[str, float]:
             if rep >= 2:
                 times[label].append(time.perf_counter() - began)
     return {label: statistics.median(v) * 1000 for label, v in times.items()}
+
+
+def bf16_note(in_process: dict[str, float]) -> str:
+    student, float32 = in_process["swissroll-fast consistency@2"], in_process[FLOAT32]
+    if not cpu_has_bf16_units():
+        return "This CPU has no bf16 units: the student's network ran in float32 (diffusion/folded.py)."
+    return (
+        f"Its hidden GEMMs ran in bfloat16 (its hidden weights are bfloat16 values, this CPU has bf16 units; "
+        f"diffusion/folded.py); the same file with SWISSROLL_CPU_BF16=false took {float32:.2f} ms "
+        f"({float32 / student:.2f}x)."
+    )
 
 
 def main() -> None:
@@ -108,7 +123,8 @@ def main() -> None:
         "the ratio is measured in one run).",
         "",
         f"In-process (no HTTP, same threads, interleaved): the default {default_ms:.1f} ms, the student at 2 "
-        f"evaluations {student_ms:.2f} ms: {default_ms / student_ms:.1f}x, the most any request can reach. Over "
+        f"evaluations {student_ms:.2f} ms: {default_ms / student_ms:.1f}x, the most any request can reach. "
+        f"{bf16_note(in_process)} Over "
         f"HTTP each request also pays a fixed cost (parsing, validation, the hop to a compute thread and back, the "
         f"response): {fixed_ms:.1f} ms here (the student's .npy request less its in-process run), and gzipped JSON "
         f"(encoding, compressing and inflating 240 kB) {json_ms:.1f} ms more: nothing to the default's request, "

@@ -21,6 +21,7 @@ from torch import nn
 
 from diffusion.checkpoint_schema import ConditionInfo, format_version_for, parse_metadata
 from diffusion.denoiser import Denoiser
+from diffusion.folded import cpu_bf16_net
 from diffusion.samplers import SAMPLERS
 
 # What save_checkpoint writes for a file using no version-2 object (format_version_for: a distilled or
@@ -100,8 +101,9 @@ def read_archive(path: str | Path, device: torch.device | str = "cpu") -> tuple[
         raise CheckpointError(Path(path), f"metadata.json is missing or not JSON ({e.msg})") from e
 
 
-def load_model(path: str | Path, device: torch.device) -> LoadedModel:
-    """Reads a checkpoint and checks it honours the contract: the only way a served model is loaded."""
+def load_model(path: str | Path, device: torch.device, cpu_bf16: bool = True) -> LoadedModel:
+    """Reads a checkpoint and checks it honours the contract: the only way a served model is loaded. cpu_bf16:
+    allow the bfloat16 CPU forward where it rounds no weight (diffusion/folded.py)."""
     path = Path(path)
     net, text = _read(path, device)
     try:
@@ -119,7 +121,8 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     except ValueError as e:
         raise CheckpointError(path, str(e)) from e
     null = checked.condition.null_value if checked.condition is not None else None
-    denoiser = Denoiser(net, alphas_cumprod, checked.prediction_type, device, tuned, distilled, default, null)
+    cpu_net = cpu_bf16_net(net) if cpu_bf16 and device.type == "cpu" and null is None else None
+    denoiser = Denoiser(net, alphas_cumprod, checked.prediction_type, device, tuned, distilled, default, null, cpu_net)
     return LoadedModel(denoiser, metadata, _sha256(path), path, device)
 
 

@@ -39,6 +39,9 @@ class Denoiser:
     # A conditional network (checkpoint metadata "condition"): the c that selects its learned "no condition" input.
     # None: the network takes no condition. Without a condition, predict() runs a conditional network unconditionally.
     null_condition: float | None = None
+    # The net's faster CPU stand-in where one computes it without rounding a weight (diffusion/folded.py); only used
+    # while it stands for `net` (a copy of this Denoiser with another net runs that net).
+    cpu_net: Callable[[torch.Tensor, int], torch.Tensor] | None = field(default=None, hash=False, compare=False)
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -79,15 +82,16 @@ class Denoiser:
         rows = x.shape[0]
         pad = -rows % ROW_ALIGN
         x_in = torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x
-        t_in = torch.full((x_in.shape[0],), t, dtype=torch.int64, device=x.device)
-        if c is None:
-            outs = [
-                self.net(xc, tc) for xc, tc in zip(x_in.split(FORWARD_CHUNK), t_in.split(FORWARD_CHUNK), strict=True)
-            ]
+        fast = self.cpu_net
+        if c is None and fast is not None and getattr(fast, "module", None) is self.net:
+            outs = [fast(xc, t) for xc in x_in.split(FORWARD_CHUNK)]
         else:
-            c_in = torch.cat([c, c.new_full((pad,), self.null_condition)]) if pad else c
-            chunks = zip(x_in.split(FORWARD_CHUNK), t_in.split(FORWARD_CHUNK), c_in.split(FORWARD_CHUNK), strict=True)
-            outs = [self.net(xc, tc, cc) for xc, tc, cc in chunks]
+            t_in = torch.full((x_in.shape[0],), t, dtype=torch.int64, device=x.device)
+            inputs = [x_in.split(FORWARD_CHUNK), t_in.split(FORWARD_CHUNK)]
+            if c is not None:
+                c_in = torch.cat([c, c.new_full((pad,), self.null_condition)]) if pad else c
+                inputs.append(c_in.split(FORWARD_CHUNK))
+            outs = [self.net(*chunk) for chunk in zip(*inputs, strict=True)]
         return (outs[0] if len(outs) == 1 else torch.cat(outs))[:rows]
 
     def _forward_accelerator(self, x: torch.Tensor, t: int, c: torch.Tensor | None = None) -> torch.Tensor:

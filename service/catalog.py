@@ -131,6 +131,15 @@ def _distillation_summary(model: LoadedModel) -> dict | None:
     }
 
 
+def _cpu_network(model: LoadedModel) -> str | None:
+    """How the network runs on CPU (diffusion/folded.py); None on another device."""
+    if model.device.type != "cpu":
+        return None
+    if model.denoiser.cpu_net is not None:
+        return "hidden GEMMs in bfloat16: its hidden weights are bfloat16 values and this CPU has bf16 units"
+    return "the checkpoint's module, float32"
+
+
 def failure(f: LoadFailure) -> dict:
     return {"name": f.name, "file": f.file, "reason": f.reason, "at": _when(f.at), "still_serving": f.still_serving}
 
@@ -152,6 +161,7 @@ def details(served: ServedModel, default: bool, threads: dict) -> dict:
         # torch threads, why that many (SWISSROLL_TORCH_THREADS, affinity mask or cgroup quota), how a job uses them
         "threads": threads,
         "cuda_fast_path": model.fast_path.describe() if model.fast_path is not None else None,
+        "cpu_network": _cpu_network(model),
         "sampler_details": samplers_of(model),
         "metadata": without_paths(model.metadata),
     }

@@ -28,10 +28,10 @@ import torch
 
 from diffusion import step_coefficients
 from diffusion.denoiser import Denoiser
+from diffusion.folded import FoldedWeights
 from diffusion.noise import Sources, Tape
 from service import triton_chain
 from service.graph_cache import GraphCache
-from service.triton_chain import FoldedWeights
 
 log = logging.getLogger("swissroll")
 PRECISIONS = tuple(triton_chain.DOT_PRECISION)  # the service offers fp32, tf32, bf16; fp32_ieee for benchmarks
@@ -87,9 +87,12 @@ class CudaFastPath:
             raise ValueError(f"unknown kernel {kernel!r}; valid: {', '.join(KERNELS)}")
         self.model_id, self.denoiser, self.graphs, self.precision = model_id, denoiser, graphs, precision
         self.weights = FoldedWeights.from_module(denoiser.net)
-        fused_ok = self.weights is not None and triton_chain.available()
+        fused_ok = self.weights is not None and triton_chain.fits(self.weights) and triton_chain.available()
         if kernel == "fused" and not fused_ok:
-            raise ValueError("kernel=fused needs Triton and a folded-MLP checkpoint; use auto, graph or eager")
+            raise ValueError(
+                "kernel=fused needs Triton and a folded-MLP checkpoint of a power-of-two width >= 16; "
+                "use auto, graph or eager"
+            )
         self.kernel = ("fused" if fused_ok else "graph") if kernel == "auto" else kernel
         if self.kernel == "graph" and graphs is None:
             self.kernel = "eager"

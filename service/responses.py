@@ -264,6 +264,11 @@ class ModelDetails(ModelSummary):
 
     threads: Threads
     cuda_fast_path: CudaFastPathInfo | None
+    cpu_network: str | None = Field(
+        description="on CPU, how the network runs: bfloat16 hidden GEMMs (a network whose hidden weights are "
+        "bfloat16 values, on a CPU with bf16 units, SWISSROLL_CPU_BF16 on) or the checkpoint's module in float32; "
+        "null on CUDA"
+    )
     sampler_details: list[SamplerInfo] = Field(description="as /samplers?model=<name>")
     metadata: ServedMetadata = Field(description="the checkpoint's metadata.json, paths reduced to file names")
 

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     # FastAPI's native OpenTelemetry (spans, metrics, logs through a configured provider). Off unless asked for:
     # even with no provider it looks the providers up on every request, ~4% of the event loop at 64 clients (py-spy).
     opentelemetry: bool = Field(False, description="FastAPI's native OpenTelemetry spans, metrics and logs")
+    # CPU only: see diffusion/folded.py and bench/results/distillation_speed.md.
+    cpu_bf16: bool = Field(
+        True,
+        description="run a network whose hidden weights are bfloat16 values (swissroll-fast) with bfloat16 GEMMs "
+        "where the CPU has bf16 units",
+    )
     # CUDA only (ignored on CPU): see service/cuda_fast_path.py and bench/results/gpu.md.
     cuda_kernel: str = Field(
         "auto", pattern=r"^(auto|fused|graph|eager)$", description="auto: fused Triton kernel when possible, else graph"

@@ -7,91 +7,24 @@ memory; the 64-wide activations never leave registers and shared memory. Eager P
 reads every [n, 64] activation per layer and launches ~12 kernels per step, which at large n makes the
 element-wise work between GEMMs most of the time (NOTES.md).
 
-Only the folded MLP that training/export.py writes is supported (see `FoldedWeights.from_module`);
+Only the folded MLP that training/export.py writes is supported (diffusion/folded.py, at a width `fits` takes);
 other checkpoints run through the graph-captured eager path. Triton is imported lazily: the CPU service
 and its tests do not need it.
 """
 
-from dataclasses import dataclass
-
 import torch
+
+from diffusion.folded import FoldedWeights
 
 # Dot-product precision per service precision: "ieee" is exact fp32 FMA (no tensor cores); "tf32x3" splits
 # each fp32 operand into three TF32 parts on the tensor cores, fp32-level accuracy at a fraction of the cost.
 DOT_PRECISION = {"fp32": "tf32x3", "fp32_ieee": "ieee", "tf32": "tf32", "bf16": "bf16"}
 
 
-@dataclass(frozen=True)
-class FoldedWeights:
-    """The folded network's tensors, laid out for the kernel (all on the model's device)."""
-
-    w_x: torch.Tensor  # [2, W]
-    level_bias: torch.Tensor  # [T, W]
-    w_hidden: torch.Tensor  # [D, W, W], each block's weight transposed: h @ w_hidden[l]
-    b_hidden: torch.Tensor  # [D, W]
-    w_out: torch.Tensor  # [W, 2]
-    b_out: torch.Tensor  # [2]
-    residual: bool
-
-    @property
-    def width(self) -> int:
-        return self.w_x.shape[1]
-
-    @property
-    def depth(self) -> int:
-        return self.w_hidden.shape[0]
-
-    @staticmethod
-    def from_module(module) -> "FoldedWeights | None":
-        """From a loaded checkpoint module, or None when it is not the folded MLP this kernel computes."""
-        try:
-            net = module.net
-            blocks = [block for _, block in net.blocks.named_children()]  # scripted Sequential: no iteration
-            residual = {bool(b.residual) for b in blocks}
-            weights = FoldedWeights(
-                w_x=net.w_x.float().contiguous(),
-                level_bias=net.level_bias.float().contiguous(),
-                w_hidden=torch.stack([b.linear.weight.t() for b in blocks]).float().contiguous(),
-                b_hidden=torch.stack([b.linear.bias for b in blocks]).float().contiguous(),
-                w_out=net.out.weight.t().float().contiguous(),
-                b_out=net.out.bias.float().contiguous(),
-                residual=residual == {True},
-            )
-        except (AttributeError, RuntimeError, TypeError):
-            return None
-        w = weights.width
-        ok = (
-            len(residual) == 1
-            and weights.w_x.shape == (2, w)
-            and weights.w_hidden.shape[1:] == (w, w)
-            and weights.w_out.shape == (w, 2)
-            and w >= 16
-            and w & (w - 1) == 0  # tl.arange needs a power of two
-        )
-        return weights if ok and weights._computes(module) else None
-
-    def _computes(self, module) -> bool:
-        # Same names need not mean the same function: check the layout's maths against the module itself.
-        levels = self.level_bias.shape[0]
-        x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)).to(self.w_x.device)
-        t = torch.arange(64, device=x.device) % levels
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False  # compare the functions, not two roundings of them
-        try:
-            with torch.inference_mode():
-                expected = module(x, t)
-                got = torch.stack([self.forward(x[i : i + 1], int(t[i]))[0] for i in range(64)])
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-        return bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-4))
-
-    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        """The same function in plain torch (the folded network's maths), for tests and the fallback."""
-        h = x @ self.w_x + self.level_bias[t]
-        for w, b in zip(self.w_hidden, self.b_hidden, strict=True):
-            y = torch.relu(h @ w + b)
-            h = h + y if self.residual else y
-        return h @ self.w_out + self.b_out
+def fits(weights: FoldedWeights) -> bool:
+    """Whether the kernel computes this network: tl.arange needs a power-of-two width, tensor-core dots >= 16."""
+    w = weights.width
+    return w >= 16 and w & (w - 1) == 0
 
 
 def available() -> bool:

@@ -9,12 +9,13 @@ import torch
 from pydantic import ValidationError
 
 from diffusion.checkpoint import load_model
+from diffusion.folded import FoldedWeights
 from diffusion.noise import Tape, from_generator, initial_noise
 from diffusion.samplers import SAMPLERS, timesteps
 from diffusion.step_coefficients import coefficient_table, noise_draws, run_reference
 from service.cuda_fast_path import CudaFastPath, TorchNet, draw_noise
 from service.settings import Settings
-from service.triton_chain import FoldedWeights, available
+from service.triton_chain import available
 
 CASES = [
     ("ddpm", 40, {}),
@@ -189,3 +190,13 @@ def test_fused_kernel_refuses_what_it_cannot_compute(model):
     with pytest.raises(ValueError, match="kernel=fused needs"):
         CudaFastPath(model.id, other, None, "fp32", "fused")
     assert CudaFastPath(model.id, other, None, "fp32", "auto").kernel == "eager"  # no graph cache given
+
+
+def test_the_fused_kernel_takes_power_of_two_widths_from_16():
+    from service.triton_chain import fits
+
+    def folded(width: int) -> FoldedWeights:
+        z = torch.zeros
+        return FoldedWeights(z(2, width), z(4, width), z(1, width, width), z(1, width), z(width, 2), z(2), True)
+
+    assert [fits(folded(w)) for w in (8, 16, 48, 64, 128)] == [False, True, False, True, True]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from diffusion.folded import cpu_has_bf16_units
 from service.app import create_app
 from service.settings import Settings
 from tests.diffusion.test_distilled_contract import distillation
@@ -17,7 +18,7 @@ SUPPORTED = "consistency at steps 1, 2, 4"
 def client(tmp_path_factory):
     d = tmp_path_factory.mktemp("models")
     write_tiny_checkpoint(d / "swissroll.pt")
-    write_tiny_checkpoint(d / "fast.pt", distillation=distillation(), tuned_timesteps={})
+    write_tiny_checkpoint(d / "fast.pt", bf16_hidden=True, distillation=distillation(), tuned_timesteps={})
     settings = Settings(models_dir=d, device="cpu", torch_threads=1, reload_poll_s=0, warmup=True)
     with TestClient(create_app(settings)) as c:
         yield c
@@ -36,6 +37,20 @@ def test_steps_alone_use_the_students_sampler_and_levels(client):
     again = client.get("/sample?model=fast&steps=2&n=50&seed=3").json()
     assert again["points"] == body["points"], "a seed gives the same points"
     assert client.get("/sample?model=fast&n=50&seed=4").json()["points"] != body["points"]
+
+
+def test_models_say_how_the_network_runs_on_cpu(client):
+    # The student's hidden weights are bfloat16 values (as make distill writes them): bf16 GEMMs where the CPU has
+    # the units; the teacher's are not, it runs its own module (diffusion/folded.py).
+    fast = client.get("/models/fast").json()["cpu_network"]
+    assert ("bfloat16" in fast) == cpu_has_bf16_units() and "float32" in client.get("/model").json()["cpu_network"]
+
+
+def test_an_operator_can_keep_every_network_in_float32(tmp_path):
+    write_tiny_checkpoint(tmp_path / "fast.pt", bf16_hidden=True, distillation=distillation(), tuned_timesteps={})
+    settings = Settings(models_dir=tmp_path, default_model="fast", device="cpu", torch_threads=1, cpu_bf16=False)
+    with TestClient(create_app(settings)) as c:
+        assert "float32" in c.get("/models/fast").json()["cpu_network"]
 
 
 def test_no_parameters_at_all_give_the_declared_default(client):

@@ -213,7 +213,7 @@ def test_committed_conditional_checkpoint_loads():
 def test_the_fused_cuda_kernel_does_not_mistake_it_for_an_unconditional_network(tmp_path):
     # The kernel recognizes FoldedDenoiser's buffers; a conditional file must fall back to the eager/graph paths,
     # which call forward(x, t, c), instead of being computed without its condition term.
-    from service.triton_chain import FoldedWeights
+    from diffusion.folded import FoldedWeights
     from training.model import DenoiserMLP
 
     wide = dataclasses.replace(CONFIG, width=16)  # the kernel's smallest width

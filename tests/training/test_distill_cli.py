@@ -36,6 +36,9 @@ def test_the_best_student_is_exported_naming_its_teacher(run):
     d = fast.metadata["distillation"]
     assert d["teacher"] == teacher.id and d["teacher_file"] == "teacher.pt"
     assert d["method"] in d["comparison"] and set(d["comparison"]) == {"progressive", "consistency"}
+    # kept: the lower sliced W2 averaged over step counts and the level search's seeds
+    selection = {method: c["selection_sliced_w2"] for method, c in d["comparison"].items()}
+    assert selection[d["method"]] == min(selection.values()) > 0
     assert fast.denoiser.distilled and fast.denoiser.default_choice[1] == 2
     assert sample(fast.denoiser, None, 10, torch.Generator().manual_seed(0), steps=2).shape == (10, 2)
     with pytest.raises(SamplerError):
@@ -57,3 +60,5 @@ def test_every_student_is_written_one_file_per_progressive_step_count(run):
 def test_bad_methods_are_refused():
     with pytest.raises(SystemExit):
         parse_args(["--methods", "reflow"])
+    with pytest.raises(SystemExit):
+        parse_args(["--hidden-weights", "int8"])

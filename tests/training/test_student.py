@@ -76,6 +76,34 @@ def test_the_metadata_describes_the_student_not_the_teacher(run):
     assert init["iterations"] == 3 and (init["teacher_width"], init["teacher_blocks"]) == (64, 4)
     assert small.metadata["training"]["config"]["student_width"] == 16
     assert sorted(small.denoiser.distilled["consistency"]) == [1, 2, 4]
+    # make distill's default: the blocks' weights were trained and exported as bfloat16 values
+    assert model["hidden_weights"] == "bfloat16"
+    hidden = [v for k, v in buffers.items() if k.startswith("net.blocks.") and k.endswith("linear.weight")]
+    assert hidden and all(torch.equal(w.bfloat16().float(), w) for w in hidden)
+    others = [v for k, v in buffers.items() if not k.startswith("net.blocks.")]
+    assert not all(torch.equal(w.bfloat16().float(), w) for w in others)  # only the hidden weights are rounded
+
+
+def test_a_student_rounding_its_hidden_weights_trains_float32_masters_and_exports_the_rounded_function():
+    torch.manual_seed(0)
+    student = FoldedStudent.fresh(16, 2, 10).rounding_hidden_weights("bfloat16")
+    master = [b.linear.weight for b in student.blocks]
+    assert not all(torch.equal(w.bfloat16().float(), w) for w in master)  # float32 values, as initialised
+    x, t = torch.randn(256, 2), torch.randint(0, 10, (256,))
+    rounded = FoldedStudent.fresh(16, 2, 10)
+    rounded.load_state_dict(student.state_dict())
+    with torch.no_grad():
+        for b in rounded.blocks:
+            b.linear.weight.copy_(b.linear.weight.bfloat16().float())
+    assert torch.equal(student(x, t), rounded(x, t))  # the forward pass uses the rounded weights
+    student(x, t).square().mean().backward()
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in master)  # straight through to the masters
+    exported = student.inference()
+    assert torch.equal(exported(x, t), rounded(x, t))
+    assert all(torch.equal(b.linear.weight.bfloat16().float(), b.linear.weight) for b in exported.blocks)
+    assert not all(torch.equal(w.bfloat16().float(), w) for w in master)  # the student itself is unchanged
+    with pytest.raises(ValueError, match="valid: float32, bfloat16"):
+        student.rounding_hidden_weights("int8")
 
 
 def test_a_student_of_the_teachers_shape_is_still_its_copy(tmp_path):

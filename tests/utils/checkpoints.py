@@ -3,6 +3,8 @@
 import json
 import zipfile
 
+import torch
+
 from diffusion.schedules import make_alphas_cumprod
 from service.settings import Settings
 from training.export import export_checkpoint
@@ -13,10 +15,19 @@ TINY_T = 10
 TINY_TUNED = [9, 6, 3, 0]
 
 
-def write_tiny_checkpoint(path, prediction_type="v", num_timesteps=TINY_T, **metadata_overrides):
-    """A small scripted checkpoint (untrained, width 8) that honours the contract: API tests need shapes, not skill."""
-    config = NetConfig(width=8, blocks=1, residual=True, time_embedding="sinusoidal", prediction_type=prediction_type)
+def write_tiny_checkpoint(
+    path, prediction_type="v", num_timesteps=TINY_T, width=8, blocks=1, bf16_hidden=False, **metadata_overrides
+):
+    """A small scripted checkpoint (untrained, width 8) that honours the contract: API tests need shapes, not skill.
+    bf16_hidden: its blocks' weights rounded to bfloat16 values, as a student trained so has them."""
+    config = NetConfig(
+        width=width, blocks=blocks, residual=True, time_embedding="sinusoidal", prediction_type=prediction_type
+    )
     net = DenoiserMLP(config, num_timesteps)
+    if bf16_hidden:
+        with torch.no_grad():
+            for block in net.blocks:
+                block.linear.weight.copy_(block.linear.weight.bfloat16().float())
     metadata = {
         "num_timesteps": num_timesteps,
         "schedule": "cosine",

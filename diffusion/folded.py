@@ -1,0 +1,135 @@
+"""The folded MLP that training writes (training/export.py, training/student.py), read from a checkpoint's module
+as plain tensors, and the fast CPU forward pass it allows when its hidden weights are bfloat16 values.
+
+h0 = x W_x + level_bias[t]; per block y = relu(h W + b), h = h + y (residual) or y; out = h W_out + b_out.
+
+The CUDA paths (service/triton_chain.py, service/cuda_fast_path.py) compute it from these tensors too. On CPU,
+a network whose blocks' weight matrices all hold bfloat16 values (a student trained so, training/student.py) runs
+its hidden GEMMs with bfloat16 inputs and float32 accumulation where the CPU has bf16 dot-product units
+(AVX512-BF16, AMX): ~1.1 ms against ~2.1 ms per 5,120-row evaluation of the 64 x 4 student on one Zen 4 core
+(bench/results/distillation_speed.md). The weights are not rounded again, so the only change to the function is
+rounding each GEMM's input activations and its output to bfloat16 (8 significant bits); the first layer, the biases,
+the residual stream and the head stay float32. For the committed student that left sliced W2 unchanged to three
+digits where rounding the weights of a float32-trained network cost ~3% (measured in bench/results/distillation.md).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FoldedWeights:
+    """The folded network's tensors (all on the model's device, float32)."""
+
+    w_x: torch.Tensor  # [2, W]
+    level_bias: torch.Tensor  # [T, W]
+    w_hidden: torch.Tensor  # [D, W, W], each block's weight transposed: h @ w_hidden[l]
+    b_hidden: torch.Tensor  # [D, W]
+    w_out: torch.Tensor  # [W, 2]
+    b_out: torch.Tensor  # [2]
+    residual: bool
+
+    @property
+    def width(self) -> int:
+        return self.w_x.shape[1]
+
+    @property
+    def depth(self) -> int:
+        return self.w_hidden.shape[0]
+
+    @staticmethod
+    def from_module(module) -> "FoldedWeights | None":
+        """From a loaded checkpoint module, or None when it is not the folded MLP (e.g. a conditional network)."""
+        try:
+            net = module.net
+            blocks = [block for _, block in net.blocks.named_children()]  # scripted Sequential: no iteration
+            residual = {bool(b.residual) for b in blocks}
+            weights = FoldedWeights(
+                w_x=net.w_x.float().contiguous(),
+                level_bias=net.level_bias.float().contiguous(),
+                w_hidden=torch.stack([b.linear.weight.t() for b in blocks]).float().contiguous(),
+                b_hidden=torch.stack([b.linear.bias for b in blocks]).float().contiguous(),
+                w_out=net.out.weight.t().float().contiguous(),
+                b_out=net.out.bias.float().contiguous(),
+                residual=residual == {True},
+            )
+        except (AttributeError, RuntimeError, TypeError):
+            return None
+        w = weights.width
+        ok = (
+            len(residual) == 1
+            and weights.w_x.shape == (2, w)
+            and weights.w_hidden.shape[1:] == (w, w)
+            and weights.w_out.shape == (w, 2)
+        )
+        return weights if ok and weights._computes(module) else None
+
+    def _computes(self, module) -> bool:
+        # Same names need not mean the same function: check the layout's maths against the module itself.
+        levels = self.level_bias.shape[0]
+        x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)).to(self.w_x.device)
+        t = torch.arange(64, device=x.device) % levels
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # compare the functions, not two roundings of them
+        try:
+            with torch.inference_mode():
+                expected = module(x, t)
+                got = torch.stack([self.forward(x[i : i + 1], int(t[i]))[0] for i in range(64)])
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        return bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-4))
+
+    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """The same function in plain torch (the folded network's maths), for tests and the fallback."""
+        h = x @ self.w_x + self.level_bias[t]
+        for w, b in zip(self.w_hidden, self.b_hidden, strict=True):
+            y = torch.relu(h @ w + b)
+            h = h + y if self.residual else y
+        return h @ self.w_out + self.b_out
+
+    @property
+    def hidden_in_bfloat16(self) -> bool:
+        """Whether every hidden weight is a bfloat16 value: casting them loses nothing."""
+        return bool(torch.equal(self.w_hidden.bfloat16().float(), self.w_hidden))
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU has bf16 dot-product instructions, through which oneDNN runs bfloat16 GEMMs ~2x faster than
+    float32 ones. Elsewhere torch emulates them, far slower than float32: the path is never taken there."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)
+
+
+class Bf16HiddenNet:
+    """(x [B, 2] float32, t: one int level) -> [B, 2] float32: the folded network with its hidden GEMMs in bfloat16
+    (float32 accumulation). Each row's result depends on that row alone (pinned by tests/diffusion/test_folded.py),
+    so batching and block splits stay invariant."""
+
+    def __init__(self, weights: FoldedWeights, module):
+        if not weights.hidden_in_bfloat16:
+            raise ValueError("the network's hidden weights are not bfloat16 values: running them so would round them")
+        self.module = module  # the checkpoint module it stands in for (a Denoiser with another net ignores it)
+        self.w_x, self.level_bias, self.residual = weights.w_x, weights.level_bias, weights.residual
+        self.hidden = [(w.bfloat16(), b) for w, b in zip(weights.w_hidden, weights.b_hidden, strict=True)]
+        self.w_out, self.b_out = weights.w_out, weights.b_out
+
+    def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        h = torch.addmm(self.level_bias[t], x, self.w_x)  # one level per call: its bias row broadcasts, no gather
+        for w, b in self.hidden:
+            y = torch.mm(h.bfloat16(), w).float().add_(b).relu_()
+            h = y.add_(h) if self.residual else y
+        return torch.addmm(self.b_out, h, self.w_out)
+
+
+def cpu_bf16_net(module) -> Bf16HiddenNet | None:
+    """The bfloat16 CPU forward of a checkpoint's module where it loses no weight and runs faster: a folded MLP
+    whose hidden weights are bfloat16 values, on a CPU with bf16 units. Else None."""
+    if not cpu_has_bf16_units():
+        return None
+    weights = FoldedWeights.from_module(module)
+    if weights is None or weights.w_x.device.type != "cpu" or not weights.hidden_in_bfloat16:
+        return None
+    return Bf16HiddenNet(weights, module)
