@@ -1,6 +1,7 @@
 """The distilled student's speed over HTTP: `/sample?n=10000` from swissroll-fast at 2 evaluations against the
-default (ddpm, 40 evaluations), same server, requests interleaved so both see the same machine load; and the same
-two runs in-process (no HTTP), which bounds what any request can reach.
+default (ddpm, 40 evaluations), same server, requests interleaved so both see the same machine load, from curl (what
+the README's user runs) and from httpx; and the same two runs in-process (no HTTP), which bounds what any request
+can reach.
 
     python -m bench.distillation_speed   # writes bench/results/distillation_speed.{json,md}
 """
@@ -9,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -25,8 +27,9 @@ from service.__main__ import tune_allocator
 RESULTS = Path(__file__).parent / "results"
 DEFAULT = "/sample?n=10000&seed={seed}"
 STUDENT = "/sample?model=swissroll-fast&steps={steps}&n=10000&seed={seed}"
-# Three ways a client gets the points: JSON gzipped (httpx and browsers ask for it: the server compresses ~240 kB at
-# level 1, the client inflates it), JSON as sent to curl without --compressed, and float32 .npy (never compressed).
+# Three ways a client gets the points: JSON gzipped (httpx, browsers and curl --compressed ask for it: the server
+# compresses ~236 kB at level 1, the client inflates it), JSON as sent to plain curl, and float32 .npy (never
+# compressed).
 FORMATS = {"": ({}, ""), ", uncompressed JSON": ({"Accept-Encoding": "identity"}, ""), ", npy": ({}, "&format=npy")}
 ROWS = {
     f"{label}{fmt}": (path.format(steps=steps, seed="{seed}") + query, headers)
@@ -81,61 +84,96 @@ def bf16_note(in_process: dict[str, float]) -> str:
     )
 
 
-def main() -> None:
+def httpx_ms(url: str) -> dict[str, list[float]]:
+    """Seconds per request from httpx (gzip asked for unless a row says identity), rows interleaved, REPS each."""
     times: dict[str, list[float]] = {label: [] for label in ROWS}
-    load_before = os.getloadavg()
-    with LiveServer(SWISSROLL_MODELS_DIR="checkpoints") as server, httpx.Client(timeout=120) as client:
+    with httpx.Client(timeout=120) as client:
         for label, (path, headers) in ROWS.items():  # warm-up, and a check that every row is served
-            assert client.get(server.url + path.format(seed=0), headers=headers).status_code == 200, label
+            assert client.get(url + path.format(seed=0), headers=headers).status_code == 200, label
         for rep in range(REPS):
             for label, (path, headers) in ROWS.items():
                 began = time.perf_counter()
-                r = client.get(server.url + path.format(seed=rep), headers=headers)
+                r = client.get(url + path.format(seed=rep), headers=headers)
                 times[label].append(time.perf_counter() - began)
                 assert r.status_code == 200 and len(r.content) > 80_000  # 10,000 points, JSON or float32 .npy
                 assert ("gzip" in r.headers.get("content-encoding", "")) == (headers == {} and "npy" not in path)
+    return times
+
+
+def curl_ms(url: str) -> dict[str, list[float]]:
+    """Seconds per request as curl reports them (time_total), what the README's user runs: one curl process, its
+    connection reused, rows interleaved, REPS each after one warm-up round; gzipped rows with --compressed."""
+    groups, order = [], []
+    for rep in range(-1, REPS):
+        for label, (path, headers) in ROWS.items():
+            flags = [] if headers or "npy" in path else ["--compressed"]
+            groups.append(["--silent", "--fail", *flags, "-o", "/dev/null", "-w", "%{time_total}\n"])
+            groups[-1].append(url + path.format(seed=rep))
+            order.append(label)
+    args = ["curl", *[arg for i, group in enumerate(groups) for arg in ([] if i == 0 else ["--next"]) + group]]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=600).stdout
+    times: dict[str, list[float]] = {label: [] for label in ROWS}
+    for i, (label, value) in enumerate(zip(order, out.split(), strict=True)):
+        if i >= len(ROWS):  # the warm-up round
+            times[label].append(float(value))
+    return times
+
+
+def main() -> None:
+    load_before = os.getloadavg()
+    with LiveServer(SWISSROLL_MODELS_DIR="checkpoints") as server:
+        clients = {"httpx": httpx_ms(server.url), "curl": curl_ms(server.url)}
     load_after = os.getloadavg()
     in_process = in_process_ms()
-    medians = {label: statistics.median(v) * 1000 for label, v in times.items()}
-    default = {fmt: medians[f"default ddpm@40{fmt}"] for fmt in FORMATS}
+    medians = {name: {k: statistics.median(v) * 1000 for k, v in t.items()} for name, t in clients.items()}
+    speedup = {
+        name: {label: m[f"default ddpm@40{_format_of(label)}"] / v for label, v in m.items()}
+        for name, m in medians.items()
+    }
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "load_average_before_after": [round(x, 2) for x in load_before + load_after],
         "reps": REPS,
         "median_ms": medians,
-        "ms_all": {k: [round(x * 1000, 2) for x in v] for k, v in times.items()},
-        "speedup_vs_default": {label: default[_format_of(label)] / m for label, m in medians.items()},
+        "ms_all": {name: {k: [round(x * 1000, 2) for x in v] for k, v in t.items()} for name, t in clients.items()},
+        "speedup_vs_default": speedup,
         "in_process_median_ms": in_process,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "distillation_speed.json").write_text(json.dumps(results, indent=2))
     student_ms, default_ms = in_process["swissroll-fast consistency@2"], in_process["default ddpm@40"]
-    fixed_ms = medians["swissroll-fast consistency@2, npy"] - student_ms
-    json_ms = medians["swissroll-fast consistency@2"] - medians["swissroll-fast consistency@2, npy"]
+    npy = {name: m["swissroll-fast consistency@2, npy"] for name, m in medians.items()}
+    gzip_ms = {name: m["swissroll-fast consistency@2"] - npy[name] for name, m in medians.items()}
     lines = [
         f"# Distilled student vs default over HTTP: `/sample?n=10000` (JSON gzipped or not, and .npy), median of "
-        f"{REPS}, interleaved",
+        f"{REPS}, interleaved, two clients",
         "",
         f"Measured {results['date']} UTC on {results['machine']} (one server, `SWISSROLL_MODELS_DIR=checkpoints`); "
         f"1-minute load average before/after: {results['load_average_before_after'][0]} / "
         f"{results['load_average_before_after'][3]} on 2 cores (above ~1, other jobs inflate the absolute times; "
-        "the ratio is measured in one run).",
+        "the ratio is measured in one run). Clients: curl (one process, connection reused, `--compressed` for the "
+        "gzipped rows; its own `time_total`) and httpx (Python, what the tests and benches use).",
         "",
         f"In-process (no HTTP, same threads, interleaved): the default {default_ms:.1f} ms, the student at 2 "
         f"evaluations {student_ms:.2f} ms: {default_ms / student_ms:.1f}x, the most any request can reach. "
-        f"{bf16_note(in_process)} Over "
-        f"HTTP each request also pays a fixed cost (parsing, validation, the hop to a compute thread and back, the "
-        f"response): {fixed_ms:.1f} ms here (the student's .npy request less its in-process run), and gzipped JSON "
-        f"(encoding, compressing and inflating 240 kB) {json_ms:.1f} ms more: nothing to the default's request, "
-        "most of the student's beyond its two network evaluations.",
+        f"{bf16_note(in_process)} Over HTTP each request also pays a fixed cost (parsing, validation, the hop to a "
+        f"compute thread and back, the response, the client): the student's .npy request less its in-process run is "
+        f"{npy['curl'] - student_ms:.1f} ms with curl, {npy['httpx'] - student_ms:.1f} ms with httpx. Gzipped JSON "
+        f"(encoding, compressing and inflating 236 kB) adds {gzip_ms['curl']:.1f} ms (curl) / "
+        f"{gzip_ms['httpx']:.1f} ms (httpx): nothing to the default's request, as much as the student's two network "
+        "evaluations.",
         "",
-        "| setting | network evaluations | median ms | speed-up vs the default (same format) |",
-        "|---|---:|---:|---:|",
+        "| setting | network evaluations | curl: median ms | speed-up vs the default (same format) | "
+        "httpx: median ms | speed-up |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for label, m in medians.items():
+    for label in ROWS:
         nfe = 40 if "ddpm@40" in label else int(label.split("@")[1][0])
-        lines.append(f"| {label} | {nfe} | {m:.1f} | {results['speedup_vs_default'][label]:.1f}x |")
+        c, h = medians["curl"][label], medians["httpx"][label]
+        lines.append(
+            f"| {label} | {nfe} | {c:.1f} | {speedup['curl'][label]:.1f}x | {h:.1f} | {speedup['httpx'][label]:.1f}x |"
+        )
     (RESULTS / "distillation_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
