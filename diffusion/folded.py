@@ -6,11 +6,12 @@ h0 = x W_x + level_bias[t]; per block y = relu(h W + b), h = h + y (residual) or
 The CUDA paths (service/triton_chain.py, service/cuda_fast_path.py) compute it from these tensors too. On CPU,
 a network whose blocks' weight matrices all hold bfloat16 values (a student trained so, training/student.py) runs
 its hidden GEMMs with bfloat16 inputs and float32 accumulation where the CPU has bf16 dot-product units
-(AVX512-BF16, AMX): ~1.1 ms against ~2.1 ms per 5,120-row evaluation of the 64 x 4 student on one Zen 4 core
-(bench/results/distillation_speed.md). The weights are not rounded again, so the only change to the function is
-rounding each GEMM's input activations and its output to bfloat16 (8 significant bits); the first layer, the biases,
-the residual stream and the head stay float32. For the committed student that left sliced W2 unchanged to three
-digits where rounding the weights of a float32-trained network cost ~3% (measured in bench/results/distillation.md).
+(AVX512-BF16, AMX): ~1.1 ms against ~2.1 ms per 5,120-row evaluation of the 64 x 4 student on one Zen 4 core, and
+a whole 2-evaluation n = 10,000 run 1.5x faster in-process (bench/results/distillation_speed.md). The weights are not
+rounded again, so the only change to the function is rounding each GEMM's input activations and its output to
+bfloat16 (8 significant bits); the first layer, the biases, the residual stream and the head stay float32. Rounding
+the activations left a student's sliced W2 unchanged to four digits, where rounding the weights of a float32-trained
+network cost ~3% (bench/results/distillation.md, notes).
 """
 
 from dataclasses import dataclass
