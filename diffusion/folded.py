@@ -5,13 +5,12 @@ h0 = x W_x + level_bias[t]; per block y = relu(h W + b), h = h + y (residual) or
 
 The CUDA paths (service/triton_chain.py, service/cuda_fast_path.py) compute it from these tensors too. On CPU,
 a network whose blocks' weight matrices all hold bfloat16 values (a student trained so, training/student.py) runs
-its hidden GEMMs with bfloat16 inputs and float32 accumulation where the CPU has bf16 dot-product units
-(AVX512-BF16, AMX): ~1.1 ms against ~2.1 ms per 5,120-row evaluation of the 64 x 4 student on one Zen 4 core, and
-a whole 2-evaluation n = 10,000 run 1.5x faster in-process (bench/results/distillation_speed.md). The weights are not
-rounded again, so the only change to the function is rounding each GEMM's input activations and its output to
-bfloat16 (8 significant bits); the first layer, the biases, the residual stream and the head stay float32. Rounding
-the activations left a student's sliced W2 unchanged to four digits, where rounding the weights of a float32-trained
-network cost ~3% (bench/results/distillation.md, notes).
+its hidden layers in bfloat16 (float32 accumulation) where the CPU has bf16 dot-product units (AVX512-BF16, AMX):
+a whole 2-evaluation n = 10,000 run ~1.5x faster in-process (bench/results/distillation_speed.md). No weight is
+rounded again: what changes is that the hidden activations (each layer's input and output, the residual stream) and
+the block biases are rounded to bfloat16 (8 significant bits); the first layer and the head stay float32. Measured
+on the committed student (10 seeds, n = 50,000): sliced W2 at 2 and 4 evaluations equal to the float32 forward's
+within 0.3%, where rounding the weights of a float32-trained network cost ~3% (bench/results/distillation.md, notes).
 """
 
 from dataclasses import dataclass
@@ -98,31 +97,39 @@ class FoldedWeights:
 def cpu_has_bf16_units() -> bool:
     """Whether this CPU has bf16 dot-product instructions, through which oneDNN runs bfloat16 GEMMs ~2x faster than
     float32 ones. Elsewhere torch emulates them, far slower than float32: the path is never taken there."""
-    if not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check is not None and check() for check in checks)
 
 
 class Bf16HiddenNet:
-    """(x [B, 2] float32, t: one int level) -> [B, 2] float32: the folded network with its hidden GEMMs in bfloat16
-    (float32 accumulation). Each row's result depends on that row alone (pinned by tests/diffusion/test_folded.py),
-    so batching and block splits stay invariant."""
+    """(x [B, 2] float32, t: one int level) -> [B, 2] float32: the folded network with its hidden layers in bfloat16
+    (oneDNN linear with the bias and ReLU fused, float32 accumulation), the first layer and the head in float32. Each
+    row's result depends on that row alone (pinned by tests/diffusion/test_folded.py), so batching and block splits
+    stay invariant."""
 
     def __init__(self, weights: FoldedWeights, module):
         if not weights.hidden_in_bfloat16:
             raise ValueError("the network's hidden weights are not bfloat16 values: running them so would round them")
         self.module = module  # the checkpoint module it stands in for (a Denoiser with another net ignores it)
         self.w_x, self.level_bias, self.residual = weights.w_x, weights.level_bias, weights.residual
-        self.hidden = [(w.bfloat16(), b) for w, b in zip(weights.w_hidden, weights.b_hidden, strict=True)]
+        pairs = zip(weights.w_hidden, weights.b_hidden, strict=True)
+        self.hidden = [(w.t().bfloat16().contiguous(), b.bfloat16()) for w, b in pairs]  # [out, in], as nn.Linear
         self.w_out, self.b_out = weights.w_out, weights.b_out
 
     def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        h = torch.addmm(self.level_bias[t], x, self.w_x)  # one level per call: its bias row broadcasts, no gather
+        h = torch.addmm(self.level_bias[t], x, self.w_x).bfloat16()  # one level per call: its bias row broadcasts
         for w, b in self.hidden:
-            y = torch.mm(h.bfloat16(), w).float().add_(b).relu_()
-            h = y.add_(h) if self.residual else y
-        return torch.addmm(self.b_out, h, self.w_out)
+            y = _linear_relu(h, w, b)
+            h = h.add_(y) if self.residual else y
+        return torch.addmm(self.b_out, h.float(), self.w_out)
+
+
+def _linear_relu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # relu(h w^T + b) in one oneDNN call (the op inductor emits for CPU linear + ReLU): in bfloat16, separate matmul,
+    # bias, ReLU and conversion passes over [rows, 64] took as long as the matmul itself.
+    return torch.ops.mkldnn._linear_pointwise(h, w, b, "relu", [], "")
 
 
 def cpu_bf16_net(module) -> Bf16HiddenNet | None:
