@@ -251,7 +251,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     if settings.gzip_min_bytes:
         # JSON point clouds shrink ~2.2x. Never the MP4: video is already compressed and Range offsets (206) refer to
         # its bytes; npy floats gain ~10% for the CPU it costs. ISA-L level 1 (service/compression.py): a 10k-point
-        # /sample body in ~0.6 ms on one core, ~4x faster than zlib's level 1; the cores sample.
+        # /sample body in ~0.6 ms on one core, 3x faster than zlib's level 1 (bench/results/compression.md).
         app.add_middleware(
             IsalGZipMiddleware,
             minimum_size=settings.gzip_min_bytes,

@@ -1,8 +1,9 @@
 """gzip for responses, deflated by Intel ISA-L (python-isal) instead of zlib: the same gzip stream any client inflates,
-made ~4x faster. A 10,000-point /sample JSON body (236 kB) took 0.56 ms at ISA-L level 1 against 1.8-2.3 ms at zlib
-level 1, and came out smaller (2.19x against 2.15x; bench/results/distillation_speed.md): with a 2-evaluation student
-that compression had been as long as the network's work. Everything else is Starlette's GZipMiddleware (which
-responses, when, large bodies compressed on a worker thread).
+made 3-6x faster (bench/results/compression.md, level 1, one core): a 10,000-point /sample body (236 kB) in 0.56 ms
+instead of 1.74 ms, a 5,000-point 40-step /trajectory (3 MB) in 5 ms instead of 30, each a little smaller; clients
+inflate it ~0.1 ms slower per 236 kB. With a 2-evaluation student zlib's compression had taken as long as the
+network's work. Everything else is Starlette's GZipMiddleware (which responses, when, large bodies compressed on a
+worker thread; both libraries release the GIL while compressing).
 """
 
 from isal import isal_zlib
