@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from diffusion.folded import Bf16HiddenNet
+
 PREDICTION_TYPES = ("epsilon", "v")
 # CPU GEMM kernels vectorize across rows: a row's last bit can depend on its position modulo the vector
 # width and on whether it falls in a partial tail. Padding every call to a multiple of ROW_ALIGN rows (and
@@ -41,7 +43,7 @@ class Denoiser:
     null_condition: float | None = None
     # The net's faster CPU stand-in where one computes it without rounding a weight (diffusion/folded.py); only used
     # while it stands for `net` (a copy of this Denoiser with another net runs that net).
-    cpu_net: Callable[[torch.Tensor, int], torch.Tensor] | None = field(default=None, hash=False, compare=False)
+    cpu_net: Bf16HiddenNet | None = field(default=None, hash=False, compare=False)
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -83,7 +85,7 @@ class Denoiser:
         pad = -rows % ROW_ALIGN
         x_in = torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x
         fast = self.cpu_net
-        if c is None and fast is not None and getattr(fast, "module", None) is self.net:
+        if c is None and fast is not None and fast.module is self.net:
             outs = [fast(xc, t) for xc in x_in.split(FORWARD_CHUNK)]
         else:
             t_in = torch.full((x_in.shape[0],), t, dtype=torch.int64, device=x.device)
