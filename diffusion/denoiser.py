@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffusion.folded import Bf16HiddenNet
+from diffusion.folded import FusedFoldedNet
 
 PREDICTION_TYPES = ("epsilon", "v")
 # CPU GEMM kernels vectorize across rows: a row's last bit can depend on its position modulo the vector
@@ -41,9 +41,9 @@ class Denoiser:
     # A conditional network (checkpoint metadata "condition"): the c that selects its learned "no condition" input.
     # None: the network takes no condition. Without a condition, predict() runs a conditional network unconditionally.
     null_condition: float | None = None
-    # The net's faster CPU stand-in where one computes it without rounding a weight (diffusion/folded.py); only used
-    # while it stands for `net` (a copy of this Denoiser with another net runs that net).
-    cpu_net: Bf16HiddenNet | None = field(default=None, hash=False, compare=False)
+    # The net's faster CPU stand-in, fused oneDNN layers (diffusion/folded.py); only used while it stands for `net`
+    # (a copy of this Denoiser with another net runs that net).
+    cpu_net: FusedFoldedNet | None = field(default=None, hash=False, compare=False)
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:

@@ -94,50 +94,61 @@ class FoldedWeights:
         return bool(torch.equal(self.w_hidden.bfloat16().float(), self.w_hidden))
 
 
+def has_fused_linear() -> bool:
+    """Whether this torch build has oneDNN's fused linear (+ bias + ReLU) for CPU tensors."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def cpu_has_bf16_units() -> bool:
-    """Whether this CPU has bf16 dot-product instructions, through which oneDNN runs bfloat16 GEMMs ~2x faster than
-    float32 ones. Elsewhere torch emulates them, far slower than float32: the path is never taken there."""
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    """Whether this CPU has bf16 dot-product instructions, through which oneDNN runs bfloat16 GEMMs faster than
+    float32 ones. Elsewhere torch emulates them, far slower than float32: bfloat16 is never chosen there."""
+    if not has_fused_linear():
         return False
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check is not None and check() for check in checks)
 
 
-class Bf16HiddenNet:
-    """(x [B, 2] float32, t: one int level) -> [B, 2] float32: the folded network with its hidden layers in bfloat16
-    (oneDNN linear with the bias and ReLU fused, float32 accumulation), the first layer and the head in float32. Each
-    row's result depends on that row alone (pinned by tests/diffusion/test_folded.py), so batching and block splits
-    stay invariant."""
+class FusedFoldedNet:
+    """(x [B, 2] float32, t: one int level) -> [B, 2] float32: the folded network with each hidden layer one oneDNN
+    call (linear, bias and ReLU fused), in float32 or, for bfloat16 hidden weights, in bfloat16 (float32
+    accumulation); the first layer and the head in float32. Each row's result depends on that row alone (pinned by
+    tests/diffusion/test_folded.py), so batching and block splits stay invariant."""
 
-    def __init__(self, weights: FoldedWeights, module):
-        if not weights.hidden_in_bfloat16:
+    def __init__(self, weights: FoldedWeights, module, dtype: torch.dtype = torch.float32):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"hidden layers run in float32 or bfloat16, not {dtype}")
+        if dtype == torch.bfloat16 and not weights.hidden_in_bfloat16:
             raise ValueError("the network's hidden weights are not bfloat16 values: running them so would round them")
         self.module = module  # the checkpoint module it stands in for (a Denoiser with another net ignores it)
+        self.dtype = dtype
         self.w_x, self.level_bias, self.residual = weights.w_x, weights.level_bias, weights.residual
         pairs = zip(weights.w_hidden, weights.b_hidden, strict=True)
-        self.hidden = [(w.t().bfloat16().contiguous(), b.bfloat16()) for w, b in pairs]  # [out, in], as nn.Linear
-        self.w_out, self.b_out = weights.w_out, weights.b_out
+        self.hidden = [(w.t().to(dtype).contiguous(), b.to(dtype)) for w, b in pairs]  # [out, in], as nn.Linear
+        # [2, W] as nn.Linear holds it: addmm with the [W, 2] matrix took 0.21 ms per 5,008 rows, F.linear 0.055 ms
+        self.w_out, self.b_out = weights.w_out.t().contiguous(), weights.b_out
 
     def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        h = torch.addmm(self.level_bias[t], x, self.w_x).bfloat16()  # one level per call: its bias row broadcasts
+        h = torch.addmm(self.level_bias[t], x, self.w_x).to(self.dtype)  # one level per call: its bias row broadcasts
         for w, b in self.hidden:
             y = _linear_relu(h, w, b)
             h = h.add_(y) if self.residual else y
-        return torch.addmm(self.b_out, h.float(), self.w_out)
+        return torch.nn.functional.linear(h.float(), self.w_out, self.b_out)
 
 
 def _linear_relu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # relu(h w^T + b) in one oneDNN call (the op inductor emits for CPU linear + ReLU): in bfloat16, separate matmul,
-    # bias, ReLU and conversion passes over [rows, 64] took as long as the matmul itself.
+    # relu(h w^T + b) in one oneDNN call (the op inductor emits for CPU linear + ReLU). As separate matmul, bias and
+    # ReLU passes over [rows, 64] (TorchScript's nn.Linear + relu_), the passes took as long as the matmul itself.
     return torch.ops.mkldnn._linear_pointwise(h, w, b, "relu", [], "")
 
 
-def cpu_bf16_net(module) -> Bf16HiddenNet | None:
-    """The bfloat16 CPU forward of a checkpoint's module where it loses no weight and runs faster: a folded MLP
-    whose hidden weights are bfloat16 values, on a CPU with bf16 units. Else None."""
-    if not cpu_has_bf16_units():
+def fused_cpu_net(module, bf16: bool = True) -> FusedFoldedNet | None:
+    """The fused CPU forward of a checkpoint's module, or None where it does not apply (not the folded MLP, not on
+    CPU, no oneDNN). Hidden layers in bfloat16 when allowed (bf16), when no weight would be rounded by it and when
+    the CPU has bf16 units; else in float32."""
+    if not has_fused_linear():
         return None
     weights = FoldedWeights.from_module(module)
-    if weights is None or weights.w_x.device.type != "cpu" or not weights.hidden_in_bfloat16:
+    if weights is None or weights.w_x.device.type != "cpu":
         return None
-    return Bf16HiddenNet(weights, module)
+    use_bf16 = bf16 and weights.hidden_in_bfloat16 and cpu_has_bf16_units()
+    return FusedFoldedNet(weights, module, torch.bfloat16 if use_bf16 else torch.float32)

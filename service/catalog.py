@@ -7,6 +7,8 @@ One source of truth for /samplers, /models, /models/{name} and /model: what a sa
 from datetime import UTC, datetime
 from pathlib import PurePath
 
+import torch
+
 from diffusion.checkpoint import LoadedModel
 from diffusion.samplers import SAMPLERS
 from service.model_repository import LoadFailure, ModelRepository, ServedModel
@@ -135,9 +137,12 @@ def _cpu_network(model: LoadedModel) -> str | None:
     """How the network runs on CPU (diffusion/folded.py); None on another device."""
     if model.device.type != "cpu":
         return None
-    if model.denoiser.cpu_net is not None:
-        return "hidden GEMMs in bfloat16: its hidden weights are bfloat16 values and this CPU has bf16 units"
-    return "the checkpoint's module, float32"
+    fused = model.denoiser.cpu_net
+    if fused is None:
+        return "the checkpoint's module, float32"
+    if fused.dtype == torch.bfloat16:
+        return "fused oneDNN layers in bfloat16: its hidden weights are bfloat16 values and this CPU has bf16 units"
+    return "fused oneDNN layers in float32"
 
 
 def failure(f: LoadFailure) -> dict:

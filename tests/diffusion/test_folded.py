@@ -1,6 +1,6 @@
-"""The folded network read from a checkpoint, and the bfloat16 CPU forward of one whose hidden weights are bfloat16
-values (diffusion/folded.py): taken only where it rounds no weight, close to the module's own function, and with
-each row's result independent of its batch (what batching and block splits rely on)."""
+"""The folded network read from a checkpoint, and its fused CPU forward (diffusion/folded.py): float32 for any folded
+network, bfloat16 only where that rounds no weight; close to the module's own function, and with each row's result
+independent of its batch (what batching and block splits rely on)."""
 
 import dataclasses
 
@@ -9,7 +9,7 @@ import torch
 
 from diffusion.checkpoint import load_model
 from diffusion.denoiser import ROW_ALIGN
-from diffusion.folded import Bf16HiddenNet, FoldedWeights, cpu_has_bf16_units
+from diffusion.folded import FoldedWeights, FusedFoldedNet, cpu_has_bf16_units
 from diffusion.samplers import sample
 from tests.utils.checkpoints import write_tiny_checkpoint
 
@@ -31,18 +31,26 @@ def test_folded_weights_compute_the_checkpoints_function(bf16_model):
     assert weights.hidden_in_bfloat16
 
 
-def test_a_float32_network_keeps_its_module(tmp_path):
-    model = load_model(write_tiny_checkpoint(tmp_path / "m.pt", width=64, blocks=3), CPU)
-    assert not FoldedWeights.from_module(model.denoiser.net).hidden_in_bfloat16
-    assert model.denoiser.cpu_net is None
+@pytest.fixture(scope="module")
+def float32_model(tmp_path_factory):
+    return load_model(write_tiny_checkpoint(tmp_path_factory.mktemp("f32") / "m.pt", width=64, blocks=3), CPU)
+
+
+def test_a_float32_network_runs_fused_in_float32_as_its_module_does(float32_model):
+    denoiser = float32_model.denoiser
+    assert not FoldedWeights.from_module(denoiser.net).hidden_in_bfloat16
+    assert isinstance(denoiser.cpu_net, FusedFoldedNet) and denoiser.cpu_net.dtype == torch.float32
+    x = torch.randn(4096, 2, generator=torch.Generator().manual_seed(2))
+    for t in (0, 5, 9):
+        torch.testing.assert_close(denoiser.output(x, t), denoiser.net(x, torch.full((4096,), t)), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="not bfloat16 values"):
-        Bf16HiddenNet(FoldedWeights.from_module(model.denoiser.net), model.denoiser.net)
+        FusedFoldedNet(FoldedWeights.from_module(denoiser.net), denoiser.net, torch.bfloat16)
 
 
 @needs_bf16_units
 def test_bfloat16_hidden_weights_run_in_bfloat16_close_to_the_module(bf16_model):
     denoiser = bf16_model.denoiser
-    assert isinstance(denoiser.cpu_net, Bf16HiddenNet)
+    assert isinstance(denoiser.cpu_net, FusedFoldedNet) and denoiser.cpu_net.dtype == torch.bfloat16
     x = torch.randn(4096, 2, generator=torch.Generator().manual_seed(2))
     for t in (0, 5, 9):
         exact = denoiser.net(x, torch.full((4096,), t))
@@ -54,9 +62,10 @@ def test_bfloat16_hidden_weights_run_in_bfloat16_close_to_the_module(bf16_model)
         assert (fast - exact).abs().max() <= 8 * 2**-9 * scale
 
 
-@needs_bf16_units
-def test_each_rows_result_is_independent_of_its_batch(bf16_model):
-    denoiser = bf16_model.denoiser
+@pytest.mark.parametrize("which", ["float32_model", pytest.param("bf16_model", marks=needs_bf16_units)])
+def test_each_rows_result_is_independent_of_its_batch(which, request):
+    denoiser = request.getfixturevalue(which).denoiser
+    assert denoiser.cpu_net is not None
     x = torch.randn(9000, 2, generator=torch.Generator().manual_seed(3))
     whole = denoiser.output(x, 4)
     for start, stop in [(0, 1), (0, 17), (16, 9000), (4096, 4099), (8192, 9000), (32, 8224)]:
@@ -78,5 +87,11 @@ def test_a_copy_with_another_net_runs_that_net(bf16_model):
     torch.testing.assert_close(copy.output(x, 3), other(x), rtol=0, atol=0)
 
 
-def test_the_path_can_be_turned_off(bf16_model):
-    assert load_model(bf16_model.path, CPU, cpu_bf16=False).denoiser.cpu_net is None
+def test_bfloat16_can_be_turned_off(bf16_model):
+    assert load_model(bf16_model.path, CPU, cpu_bf16=False).denoiser.cpu_net.dtype == torch.float32
+
+
+def test_a_conditional_network_keeps_its_module(tmp_path):
+    from tests.utils.checkpoints import write_tiny_conditional_checkpoint
+
+    assert load_model(write_tiny_conditional_checkpoint(tmp_path / "c.pt"), CPU).denoiser.cpu_net is None

@@ -99,6 +99,25 @@ def test_client_disconnect_stops_the_work():
     assert len(steps_done) < 60
 
 
+def test_only_a_job_still_running_after_a_moment_watches_its_client():
+    """The watcher costs a task per request: jobs done within _WATCH_AFTER_S never poll their client."""
+    polls = []
+
+    async def disconnected():
+        polls.append(time.monotonic())
+        return False
+
+    async def main():
+        gate = ComputeGate(max_concurrency=1, max_queue=0, timeout_s=60)
+        assert (await gate.run(lambda job: "quick", disconnected))[0] == "quick"
+        assert polls == []
+        assert (await gate.run(lambda job: time.sleep(0.3) or "slow", disconnected))[0] == "slow"
+        await anyio.sleep(0.15)  # a cancelled watcher polls no more
+        return len(polls)
+
+    assert 2 <= anyio.run(main) <= 4  # after 0.05 s, then every 0.1 s until the job ends at 0.3 s
+
+
 def test_a_cancelled_caller_stops_its_worker_at_the_next_step():
     """The awaiting task is cancelled (e.g. shutdown): the job is marked, so the worker's next check() raises."""
     gate = ComputeGate(1, 4, 30)
