@@ -1,16 +1,21 @@
 """The folded MLP that training writes (training/export.py, training/student.py), read from a checkpoint's module
-as plain tensors, and the fast CPU forward pass it allows when its hidden weights are bfloat16 values.
+as plain tensors, and the fused CPU forward pass it allows.
 
 h0 = x W_x + level_bias[t]; per block y = relu(h W + b), h = h + y (residual) or y; out = h W_out + b_out.
 
-The CUDA paths (service/triton_chain.py, service/cuda_fast_path.py) compute it from these tensors too. On CPU,
-a network whose blocks' weight matrices all hold bfloat16 values (a student trained so, training/student.py) runs
+The CUDA paths (service/triton_chain.py, service/cuda_fast_path.py) compute it from these tensors too. On CPU each
+hidden layer is one oneDNN call, linear + bias + ReLU fused (the op inductor emits for it): the checkpoint's
+TorchScript module runs MKL's GEMM and then separate bias and ReLU passes over [rows, 64], which took as long as the
+GEMM itself. One 5,008-row evaluation of the 64 x 4 network on one core: 2.15 ms as the module, 1.15 ms fused,
+agreeing to 1e-6; the default's ddpm@40 at n = 10,000 went from ~95 to ~50 ms (bench/results/speed.md).
+
+A network whose blocks' weight matrices all hold bfloat16 values (a student trained so, training/student.py) runs
 its hidden layers in bfloat16 (float32 accumulation) where the CPU has bf16 dot-product units (AVX512-BF16, AMX):
-a whole 2-evaluation n = 10,000 run ~1.5x faster in-process (bench/results/distillation_speed.md). No weight is
-rounded again: what changes is that the hidden activations (each layer's input and output, the residual stream) and
-the block biases are rounded to bfloat16 (8 significant bits); the first layer and the head stay float32. Measured
-on the committed student (10 seeds, n = 50,000): sliced W2 at 2 and 4 evaluations equal to the float32 forward's
-within 0.3%, where rounding the weights of a float32-trained network cost ~3% (bench/results/distillation.md, notes).
+~15% faster again per request (bench/results/distillation_speed.md). No weight is rounded by it: what changes is
+that the hidden activations (each layer's input and output, the residual stream) and the block biases are rounded
+to bfloat16 (8 significant bits); the first layer and the head stay float32. Measured on the committed student (10
+seeds, n = 50,000): sliced W2 at 2 and 4 evaluations equal to the float32 forward's within 0.3%, where rounding the
+weights of a float32-trained network cost ~3% (bench/results/distillation.md, notes).
 """
 
 from dataclasses import dataclass
