@@ -60,8 +60,8 @@ def in_process_ms() -> dict[str, float]:
             "consistency",
             2,
         ),
-        # The same file with SWISSROLL_CPU_BF16=false: its hidden GEMMs in float32 (diffusion/folded.py).
-        FLOAT32: (load_model(REPO / "checkpoints/swissroll-fast.pt", cpu, cpu_bf16=False).denoiser, "consistency", 2),
+        # The same file with SWISSROLL_CPU_NETWORK=float32: its hidden layers in float32 (diffusion/folded.py).
+        FLOAT32: (load_model(REPO / "checkpoints/swissroll-fast.pt", cpu, "float32").denoiser, "consistency", 2),
     }
     times: dict[str, list[float]] = {label: [] for label in runs}
     for rep in range(REPS + 2):  # the first two are warm-up
@@ -79,7 +79,7 @@ def bf16_note(in_process: dict[str, float]) -> str:
         return "This CPU has no bf16 units: the student's network ran in float32 (diffusion/folded.py)."
     return (
         f"Its hidden GEMMs ran in bfloat16 (its hidden weights are bfloat16 values, this CPU has bf16 units; "
-        f"diffusion/folded.py); the same file with SWISSROLL_CPU_BF16=false took {float32:.2f} ms "
+        f"diffusion/folded.py); the same file with SWISSROLL_CPU_NETWORK=float32 took {float32:.2f} ms "
         f"({float32 / student:.2f}x)."
     )
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from diffusion.checkpoint_schema import ConditionInfo, format_version_for, parse_metadata
 from diffusion.denoiser import Denoiser
-from diffusion.folded import fused_cpu_net
+from diffusion.folded import cpu_net_for
 from diffusion.samplers import SAMPLERS
 
 # What save_checkpoint writes for a file using no version-2 object (format_version_for: a distilled or
@@ -101,9 +101,9 @@ def read_archive(path: str | Path, device: torch.device | str = "cpu") -> tuple[
         raise CheckpointError(Path(path), f"metadata.json is missing or not JSON ({e.msg})") from e
 
 
-def load_model(path: str | Path, device: torch.device, cpu_bf16: bool = True) -> LoadedModel:
-    """Reads a checkpoint and checks it honours the contract: the only way a served model is loaded. On CPU a folded
-    MLP runs fused oneDNN layers (diffusion/folded.py); cpu_bf16: in bfloat16 where that rounds no weight."""
+def load_model(path: str | Path, device: torch.device, cpu_network: str = "auto") -> LoadedModel:
+    """Reads a checkpoint and checks it honours the contract: the only way a served model is loaded. cpu_network:
+    what runs a folded MLP on CPU (diffusion/folded.py, CPU_NETWORKS)."""
     path = Path(path)
     net, text = _read(path, device)
     try:
@@ -121,7 +121,7 @@ def load_model(path: str | Path, device: torch.device, cpu_bf16: bool = True) ->
     except ValueError as e:
         raise CheckpointError(path, str(e)) from e
     null = checked.condition.null_value if checked.condition is not None else None
-    cpu_net = fused_cpu_net(net, cpu_bf16) if device.type == "cpu" and null is None else None
+    cpu_net = cpu_net_for(net, cpu_network) if device.type == "cpu" and null is None else None
     denoiser = Denoiser(net, alphas_cumprod, checked.prediction_type, device, tuned, distilled, default, null, cpu_net)
     return LoadedModel(denoiser, metadata, _sha256(path), path, device)
 

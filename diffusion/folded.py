@@ -7,7 +7,10 @@ The CUDA paths (service/triton_chain.py, service/cuda_fast_path.py) compute it f
 hidden layer is one oneDNN call, linear + bias + ReLU fused (the op inductor emits for it): the checkpoint's
 TorchScript module runs MKL's GEMM and then separate bias and ReLU passes over [rows, 64], which took as long as the
 GEMM itself. One 5,008-row evaluation of the 64 x 4 network on one core: 2.15 ms as the module, 1.15 ms fused,
-agreeing to 1e-6; the default's ddpm@40 at n = 10,000 went from ~95 to ~50 ms (bench/results/speed.md).
+agreeing to 1e-6; the default's ddpm@40 at n = 10,000 went from ~95 to ~50 ms (bench/results/speed.md). oneDNN pays
+~11 us more per call than MKL, so below ~250 rows per call the module is faster (16 rows: 25 vs 74 us): a lone
+n = 100 request takes ~1 ms longer. Which path runs is chosen per model, never per call: a row's result must not
+depend on what it is batched with. SWISSROLL_CPU_NETWORK=module keeps the module (CPU_NETWORKS).
 
 A network whose blocks' weight matrices all hold bfloat16 values (a student trained so, training/student.py) runs
 its hidden layers in bfloat16 (float32 accumulation) where the CPU has bf16 dot-product units (AVX512-BF16, AMX):
@@ -144,6 +147,20 @@ def _linear_relu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Ten
     # relu(h w^T + b) in one oneDNN call (the op inductor emits for CPU linear + ReLU). As separate matmul, bias and
     # ReLU passes over [rows, 64] (TorchScript's nn.Linear + relu_), the passes took as long as the matmul itself.
     return torch.ops.mkldnn._linear_pointwise(h, w, b, "relu", [], "")
+
+
+CPU_NETWORKS = {
+    "auto": "fused oneDNN layers, in bfloat16 where that rounds no weight and the CPU has bf16 units, else float32",
+    "float32": "fused oneDNN layers in float32",
+    "module": "the checkpoint's TorchScript module (faster below ~250 rows per call, about half as fast from 1,000)",
+}
+
+
+def cpu_net_for(module, choice: str = "auto") -> "FusedFoldedNet | None":
+    """What runs a checkpoint module's network on CPU (CPU_NETWORKS): a fused net, or None for the module itself."""
+    if choice not in CPU_NETWORKS:
+        raise ValueError(f"unknown CPU network {choice!r}; valid: {', '.join(CPU_NETWORKS)}")
+    return None if choice == "module" else fused_cpu_net(module, bf16=choice == "auto")
 
 
 def fused_cpu_net(module, bf16: bool = True) -> FusedFoldedNet | None:

@@ -98,7 +98,7 @@ def _warm_up(model: LoadedModel, blocks: BlockPool | None) -> float:
 def load_configured_model(settings: Settings) -> LoadedModel:
     """The default model's file on settings.device, checked (no warm-up yet). Raises CheckpointError or ValueError
     with a one-line message (python -m service calls it before serving, to fail fast)."""
-    return load_model(settings.default_model_path(), resolve_device(settings.device), settings.cpu_bf16)
+    return load_model(settings.default_model_path(), resolve_device(settings.device), settings.cpu_network)
 
 
 def _with_fast_path(app: FastAPI, model: LoadedModel, settings: Settings) -> LoadedModel:
@@ -147,7 +147,7 @@ async def _prepare(app: FastAPI, settings: Settings, model: LoadedModel) -> Load
 def _repository(app: FastAPI, settings: Settings) -> ModelRepository:
     async def load(path: Path) -> LoadedModel:
         device = resolve_device(settings.device)
-        model = await _in_gate(app.state.gate, lambda _job: load_model(path, device, settings.cpu_bf16))
+        model = await _in_gate(app.state.gate, lambda _job: load_model(path, device, settings.cpu_network))
         return await _prepare(app, settings, model)
 
     def changed(name: str, result: str, old: LoadedModel | None, new: LoadedModel | None) -> None:

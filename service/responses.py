@@ -265,9 +265,9 @@ class ModelDetails(ModelSummary):
     threads: Threads
     cuda_fast_path: CudaFastPathInfo | None
     cpu_network: str | None = Field(
-        description="on CPU, how the network runs: fused oneDNN layers in bfloat16 (a network whose hidden weights "
-        "are bfloat16 values, on a CPU with bf16 units, SWISSROLL_CPU_BF16 on) or in float32, or the checkpoint's own "
-        "module (a network of another layout, e.g. conditional); null on CUDA"
+        description="on CPU, how the network runs (SWISSROLL_CPU_NETWORK): fused oneDNN layers in bfloat16 (a network "
+        "whose hidden weights are bfloat16 values, on a CPU with bf16 units) or in float32, or the checkpoint's own "
+        "module (SWISSROLL_CPU_NETWORK=module, or a network of another layout, e.g. conditional); null on CUDA"
     )
     sampler_details: list[SamplerInfo] = Field(description="as /samplers?model=<name>")
     metadata: ServedMetadata = Field(description="the checkpoint's metadata.json, paths reduced to file names")

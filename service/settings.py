@@ -57,10 +57,11 @@ class Settings(BaseSettings):
     # even with no provider it looks the providers up on every request, ~4% of the event loop at 64 clients (py-spy).
     opentelemetry: bool = Field(False, description="FastAPI's native OpenTelemetry spans, metrics and logs")
     # CPU only: see diffusion/folded.py and bench/results/distillation_speed.md.
-    cpu_bf16: bool = Field(
-        True,
-        description="run a network whose hidden weights are bfloat16 values (swissroll-fast) with bfloat16 GEMMs "
-        "where the CPU has bf16 units",
+    cpu_network: str = Field(
+        "auto",
+        pattern=r"^(auto|float32|module)$",
+        description="CPU only: auto = fused oneDNN layers, in bfloat16 for bfloat16 hidden weights (swissroll-fast) "
+        "on a CPU with bf16 units; float32 = fused, float32 always; module = the checkpoint's TorchScript module",
     )
     # CUDA only (ignored on CPU): see service/cuda_fast_path.py and bench/results/gpu.md.
     cuda_kernel: str = Field(

@@ -87,8 +87,11 @@ def test_a_copy_with_another_net_runs_that_net(bf16_model):
     torch.testing.assert_close(copy.output(x, 3), other(x), rtol=0, atol=0)
 
 
-def test_bfloat16_can_be_turned_off(bf16_model):
-    assert load_model(bf16_model.path, CPU, cpu_bf16=False).denoiser.cpu_net.dtype == torch.float32
+def test_bfloat16_or_the_fused_path_can_be_turned_off(bf16_model):
+    assert load_model(bf16_model.path, CPU, "float32").denoiser.cpu_net.dtype == torch.float32
+    assert load_model(bf16_model.path, CPU, "module").denoiser.cpu_net is None
+    with pytest.raises(ValueError, match="valid: auto, float32, module"):
+        load_model(bf16_model.path, CPU, "int8")
 
 
 def test_a_conditional_network_keeps_its_module(tmp_path):

@@ -176,7 +176,8 @@ def test_triton_kernel_in_the_interpreter(model, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("cuda_kernel", "cudnn"), ("cuda_precision", "fp16"), ("cuda_graph_mb", -1)]
+    ("name", "value"),
+    [("cuda_kernel", "cudnn"), ("cuda_precision", "fp16"), ("cuda_graph_mb", -1), ("cpu_network", "bf16")],
 )
 def test_cuda_settings_are_validated(name, value):
     with pytest.raises(ValidationError, match=name):

@@ -46,11 +46,13 @@ def test_models_say_how_the_network_runs_on_cpu(client):
     assert ("bfloat16" in fast) == cpu_has_bf16_units() and "float32" in client.get("/model").json()["cpu_network"]
 
 
-def test_an_operator_can_keep_every_network_in_float32(tmp_path):
+@pytest.mark.parametrize("choice, says", [("float32", "fused oneDNN layers in float32"), ("module", "module")])
+def test_an_operator_chooses_what_runs_the_network_on_cpu(tmp_path, choice, says):
     write_tiny_checkpoint(tmp_path / "fast.pt", bf16_hidden=True, distillation=distillation(), tuned_timesteps={})
-    settings = Settings(models_dir=tmp_path, default_model="fast", device="cpu", torch_threads=1, cpu_bf16=False)
+    settings = Settings(models_dir=tmp_path, default_model="fast", device="cpu", torch_threads=1, cpu_network=choice)
     with TestClient(create_app(settings)) as c:
-        assert "float32" in c.get("/models/fast").json()["cpu_network"]
+        assert says in c.get("/models/fast").json()["cpu_network"]
+        assert c.get("/sample?model=fast&n=10&seed=1").status_code == 200
 
 
 def test_no_parameters_at_all_give_the_declared_default(client):
