@@ -156,7 +156,7 @@ CPU_NETWORKS = {
 }
 
 
-def cpu_net_for(module, choice: str = "auto") -> "FusedFoldedNet | None":
+def cpu_net_for(module, choice: str = "auto") -> FusedFoldedNet | None:
     """What runs a checkpoint module's network on CPU (CPU_NETWORKS): a fused net, or None for the module itself."""
     if choice not in CPU_NETWORKS:
         raise ValueError(f"unknown CPU network {choice!r}; valid: {', '.join(CPU_NETWORKS)}")
