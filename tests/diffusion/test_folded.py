@@ -98,3 +98,15 @@ def test_a_conditional_network_keeps_its_module(tmp_path):
     from tests.utils.checkpoints import write_tiny_conditional_checkpoint
 
     assert load_model(write_tiny_conditional_checkpoint(tmp_path / "c.pt"), CPU).denoiser.cpu_net is None
+
+
+def test_a_fused_path_that_fails_or_disagrees_leaves_the_model_on_its_module(float32_model, monkeypatch):
+    import diffusion.folded as folded
+
+    def broken(h, w, b):
+        raise RuntimeError("no oneDNN kernel for this platform")
+
+    monkeypatch.setattr(folded, "_linear_relu", broken)
+    assert load_model(float32_model.path, CPU).denoiser.cpu_net is None
+    monkeypatch.setattr(folded, "_linear_relu", lambda h, w, b: torch.nn.functional.linear(h, w, b))  # no ReLU
+    assert load_model(float32_model.path, CPU).denoiser.cpu_net is None
