@@ -34,8 +34,9 @@ from diffusion.samplers import Step
 # is ~3 ms faster in two blocks than in one, but a single block needs no other core at all, whoever holds it.
 MIN_BLOCK_ROWS = 2048
 # Two blocks cost the GIL little, so jobs too small for two MIN_BLOCK_ROWS blocks still split in two from this many
-# rows each (2 cores, in-process n = 1,000: 15.4 ms in two blocks, 18.1 ms in one).
-PAIR_MIN_ROWS = 256
+# rows each. With the fused CPU layers (diffusion/folded.py; ~15 us of oneDNN per call), in-process ddpm@40 on 2 cores
+# took 10.5 ms in two blocks and 8.8 in one at n = 600, 11.6 in either at 1,000, 14.2 vs 18.6 at 2,000.
+PAIR_MIN_ROWS = 512
 
 
 class SharedDraws:
