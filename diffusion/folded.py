@@ -9,12 +9,13 @@ TorchScript module runs MKL's GEMM and then separate bias and ReLU passes over [
 GEMM itself. One 5,008-row evaluation of the 64 x 4 network on one core: 2.15 ms as the module, 1.15 ms fused,
 agreeing to 1e-6; the default's ddpm@40 at n = 10,000 went from ~95 to ~50 ms (bench/results/speed.md). oneDNN pays
 ~11 us more per call than MKL, so below ~250 rows per call the module is faster (16 rows: 25 vs 74 us): a lone
-n = 100 request takes ~1 ms longer. Which path runs is chosen per model, never per call: a row's result must not
-depend on what it is batched with. SWISSROLL_CPU_NETWORK=module keeps the module (CPU_NETWORKS).
+n = 100 request takes ~0.5 ms longer (bench/results/load.md: 4-6% less throughput for one client). Which path runs
+is chosen per model, never per call: a row's result must not depend on what it is batched with.
+SWISSROLL_CPU_NETWORK=module keeps the module (CPU_NETWORKS).
 
 A network whose blocks' weight matrices all hold bfloat16 values (a student trained so, training/student.py) runs
 its hidden layers in bfloat16 (float32 accumulation) where the CPU has bf16 dot-product units (AVX512-BF16, AMX):
-~15% faster again per request (bench/results/distillation_speed.md). No weight is rounded by it: what changes is
+~13% faster again per request (bench/results/distillation_speed.md). No weight is rounded by it: what changes is
 that the hidden activations (each layer's input and output, the residual stream) and the block biases are rounded
 to bfloat16 (8 significant bits); the first layer and the head stay float32. Measured on the committed student (10
 seeds, n = 50,000): sliced W2 at 2 and 4 evaluations equal to the float32 forward's within 0.3%, where rounding the

@@ -39,8 +39,12 @@ class SlicedW2To:
         self.theta = _directions(n_projections, seed)
         self.real = np.sort(self.theta @ real.T, axis=1)
 
+    @property
+    def points(self) -> int:
+        return self.real.shape[1]
+
     def __call__(self, b: np.ndarray) -> float:
-        if len(b) != self.real.shape[1]:
+        if len(b) != self.points:
             raise ValueError(f"{len(b)} points against a real cloud of {self.real.shape[1]}")
         return float(np.sqrt(((self.real - np.sort(self.theta @ b.T, axis=1)) ** 2).mean()))
 

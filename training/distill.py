@@ -73,7 +73,7 @@ class DistillConfig:
     init_iterations: int = 2000  # another shape: the regression on the teacher's output before either method
     init_lr: float = 1e-3  # a fresh network, not a copy to nudge: the teacher's own training rate
     # The students' hidden weight matrices, as trained and exported (training/student.py): bfloat16 values let a CPU
-    # with bf16 units run the hidden layers in bfloat16 (diffusion/folded.py; ~15% faster per request). Quality:
+    # with bf16 units run the hidden layers in bfloat16 (diffusion/folded.py; ~13% faster per request). Quality:
     # 1.07x / 1.15x the default's sliced W2 at 4 / 2 evaluations against 1.06x / 1.12x trained in float32, within
     # the seed noise (bench/results/distillation.md).
     hidden_weights: str = "bfloat16"
@@ -157,12 +157,12 @@ class LevelObjective:
     """What a level search minimizes: a student's sliced W2 against fresh real data, averaged over several seeds
     (each seed its own real points and sampling noise). One seed's sliced W2 moves by about 0.002 at n = 50,000,
     as much as the gaps between good level choices: levels picked on one seed fit its noise. Results are memoized
-    (a coordinate search revisits settings)."""
+    (a coordinate search revisits settings). distances: per seed, the distance to that seed's real points (made once
+    per run: the level search and the choice of method share them)."""
 
-    def __init__(self, net, alphas_cumprod, sampler: str, reals: dict[int, np.ndarray]):
+    def __init__(self, net, alphas_cumprod, sampler: str, distances: dict[int, SlicedW2To]):
         self.net, self.alphas_cumprod, self.sampler = net, tuple(alphas_cumprod), sampler
-        self.distances = {seed: SlicedW2To(real) for seed, real in reals.items()}
-        self.n = {seed: len(real) for seed, real in reals.items()}
+        self.distances = distances
         self.seen: dict[tuple[int, ...], float] = {}
 
     def __call__(self, levels) -> float:
@@ -171,7 +171,7 @@ class LevelObjective:
             den = Denoiser(self.net, self.alphas_cumprod, "v", distilled={self.sampler: {len(levels): levels}})
             w2s = []
             for seed, w2 in self.distances.items():
-                points = sample(den, self.sampler, self.n[seed], torch.Generator().manual_seed(seed), len(levels))
+                points = sample(den, self.sampler, w2.points, torch.Generator().manual_seed(seed), len(levels))
                 w2s.append(w2(points.numpy()))
             self.seen[levels] = float(np.mean(w2s))
         return self.seen[levels]
@@ -233,19 +233,19 @@ def distil_progressive(config, net0, teacher_x0, levels, data, generator, log) -
     return Student("progressive", "ddim", nets, grids, time.perf_counter() - start)
 
 
-def distil_consistency(config, net0, teacher_x0, levels, data, generator, log, search_reals) -> Student:
+def distil_consistency(config, net0, teacher_x0, levels, data, generator, log, search) -> Student:
     start = time.perf_counter()
     budget = Budget(config.consistency_iterations, config.batch_size, config.lr)
     losses = consistency_distillation(net0, teacher_x0, levels, data, budget, generator, config.target_ema)
     net = net0.requires_grad_(False)
     log(f"consistency: trained ({time.perf_counter() - start:.0f} s, final loss {np.mean(losses[-100:]):.5f})")
     T = levels.num_timesteps
-    objective = LevelObjective(net.eval(), levels.alpha64[:-1].square().tolist(), "consistency", search_reals)
+    objective = LevelObjective(net.eval(), levels.alphas_cumprod, "consistency", search)
     chosen = {1: [T - 1], **search_levels(objective, T, [k for k in STEPS if k > 1])}
     for steps in STEPS[1:]:
         log(
             f"consistency: {steps} steps at levels {chosen[steps]} (search: {objective(chosen[steps]):.5f} mean "
-            f"sliced W2 over {len(search_reals)} seeds, {len(objective.seen)} settings tried)"
+            f"sliced W2 over {len(search)} seeds, {len(objective.seen)} settings tried)"
         )
     log(f"consistency: levels chosen ({time.perf_counter() - start:.0f} s)")
     return Student("consistency", "consistency", {s: net for s in STEPS}, chosen, time.perf_counter() - start)
@@ -274,7 +274,7 @@ def distil(config: DistillConfig) -> dict:
     real = fresh_real(config.eval_points, d["noise"], EVAL_SEED, d["mean"], d["std"])
     # The level search's own seeds: TUNING_SEED + k, disjoint from EVAL_SEED and from bench.distillation's.
     search_seeds = [TUNING_SEED + k for k in range(config.search_seeds)]
-    search_reals = {s: fresh_real(config.search_points, d["noise"], s, d["mean"], d["std"]) for s in search_seeds}
+    search = {s: SlicedW2To(fresh_real(config.search_points, d["noise"], s, d["mean"], d["std"])) for s in search_seeds}
 
     reference = measure(teacher.denoiser, "ddpm", len(ab), real, EVAL_SEED)
     log(f"teacher ddpm@{len(ab)}: {reference}")
@@ -287,7 +287,7 @@ def distil(config: DistillConfig) -> dict:
         if method == "progressive":
             student = distil_progressive(config, net0, teacher_x0, levels, roll.train, generator, log)
         else:
-            student = distil_consistency(config, net0, teacher_x0, levels, roll.train, generator, log, search_reals)
+            student = distil_consistency(config, net0, teacher_x0, levels, roll.train, generator, log, search)
         student.seconds += initial.seconds  # the shared initialisation counted in each method's cost
         for steps, net in student.nets.items():
             den = denoiser_of(net, ab, student.sampler, {steps: student.levels[steps]})
@@ -296,7 +296,7 @@ def distil(config: DistillConfig) -> dict:
         students.append(student)
 
     for student in students:
-        student.selection = selection_w2(student, ab, search_reals)
+        student.selection = selection_w2(student, levels.alphas_cumprod, search)
         log(f"{student.method}: {student.selection:.5f} mean sliced W2 over its step counts and the search seeds")
     best = min(students, key=lambda s: s.selection)
     ab64 = torch.tensor(ab, dtype=torch.float64)
@@ -315,14 +315,14 @@ def distil(config: DistillConfig) -> dict:
     return metadata
 
 
-def selection_w2(student: Student, alphas_cumprod, reals: dict[int, np.ndarray]) -> float:
+def selection_w2(student: Student, alphas_cumprod, search: dict[int, SlicedW2To]) -> float:
     """What the kept method minimizes: sliced W2 averaged over its step counts and over the level search's seeds
     (several seeds of many points each). The evaluation seed alone (n = 20,000) moves by ~15% from seed to seed,
     as much as the methods differ, and once picked a method on its noise."""
     return float(
         np.mean(
             [
-                LevelObjective(net, alphas_cumprod, student.sampler, reals)(student.levels[steps])
+                LevelObjective(net, alphas_cumprod, student.sampler, search)(student.levels[steps])
                 for steps, net in student.nets.items()
             ]
         )

@@ -30,7 +30,8 @@ class Levels:
     """alpha, sigma and lambda = log(alpha / sigma) per level, CLEAN included (as the last entry, index -1)."""
 
     def __init__(self, alphas_cumprod):
-        ab = torch.tensor([*[float(a) for a in alphas_cumprod], 1.0], dtype=torch.float64)
+        self.alphas_cumprod = tuple(float(a) for a in alphas_cumprod)  # the schedule as a Denoiser takes it
+        ab = torch.tensor([*self.alphas_cumprod, 1.0], dtype=torch.float64)
         self.num_timesteps = len(ab) - 1
         self.alpha64, self.sigma64 = ab.sqrt(), (1 - ab).sqrt()
         self.alpha, self.sigma = self.alpha64.float(), self.sigma64.float()

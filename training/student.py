@@ -13,7 +13,7 @@ Hidden weights in bfloat16: a student may be trained with its blocks' weight mat
 forward pass (quantization-aware training with a straight-through gradient to float32 master weights, Jacob et al.
 2018; Courbariaux et al. 2015), and is exported with the rounded values. Such a network computes the same function
 in float32 on any machine, and its hidden layers can run on bfloat16 units where a CPU has them (diffusion/folded.py:
-~15% faster per request than fused float32 layers), with no weight rounded a second time. Rounding a float32-trained
+~13% faster per request than fused float32 layers), with no weight rounded a second time. Rounding a float32-trained
 student's weights after the fact cost it ~3% sliced W2 at 2 and 4 steps; rounding its activations, nothing
 measurable; trained with the rounding, the committed student is within the seed noise of the float32 one
 (bench/results/distillation.md).

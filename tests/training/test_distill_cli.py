@@ -6,22 +6,17 @@ import torch
 
 from diffusion.checkpoint import load_model, read_archive
 from diffusion.samplers import SamplerError, sample
-from tests.utils.distill import distil_on_one_thread
+from tests.utils.distill import TINY_RUN, distil_on_one_thread, tiny_teacher
 from training.distill import parse_args
-from training.train import TrainConfig, train
-
-TINY = dict(epochs=1, batch_size=256, n_samples=2000, progress=False, loss_curve=False, evaluate=False)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distill")
-    train(TrainConfig(**TINY, preset="default", out=str(tmp / "teacher.pt")))
+    tiny_teacher(tmp / "teacher.pt")
     argv = [
         "--teacher", str(tmp / "teacher.pt"), "--out", str(tmp / "fast.pt"), "--students-dir", str(tmp),
-        "--first-round-iterations", "2", "--round-iterations", "2", "--consistency-iterations", "2",
-        "--batch-size", "64", "--eval-points", "500", "--search-seeds", "2", "--search-points", "300",
-        "--no-progress",
+        "--first-round-iterations", "2", "--round-iterations", "2", *TINY_RUN,
     ]  # fmt: skip
     metadata = distil_on_one_thread(argv)
     return tmp, metadata

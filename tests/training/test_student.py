@@ -6,12 +6,9 @@ import torch
 
 from diffusion.checkpoint import load_model
 from diffusion.schedules import make_alphas_cumprod
-from tests.utils.distill import distil_on_one_thread
+from tests.utils.distill import TINY_RUN, distil_on_one_thread, tiny_teacher
 from training.distillation import Budget, Levels, regress_teacher
 from training.student import FoldedStudent, flops_per_sample, teacher_shape
-from training.train import TrainConfig, train
-
-TINY = dict(epochs=1, batch_size=256, n_samples=2000, progress=False, loss_curve=False, evaluate=False)
 
 
 def gap(student, teacher, levels, data, generator) -> float:
@@ -51,12 +48,10 @@ def test_a_fresh_student_has_the_asked_shape_and_counts_its_own_cost():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("small")
-    train(TrainConfig(**TINY, preset="default", out=str(tmp / "teacher.pt")))
+    tiny_teacher(tmp / "teacher.pt")
     argv = [
         "--teacher", str(tmp / "teacher.pt"), "--out", str(tmp / "small.pt"), "--methods", "consistency",
-        "--student-width", "16", "--student-blocks", "2", "--init-iterations", "3",
-        "--consistency-iterations", "2", "--batch-size", "64", "--eval-points", "500", "--search-seeds", "2",
-        "--search-points", "300", "--no-progress",
+        "--student-width", "16", "--student-blocks", "2", "--init-iterations", "3", *TINY_RUN,
     ]  # fmt: skip
     metadata = distil_on_one_thread(argv)
     return tmp, metadata

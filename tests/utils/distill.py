@@ -5,6 +5,20 @@ import os
 import torch
 
 from training.distill import distil, parse_args
+from training.train import TrainConfig, train
+
+# The settings of a seconds-long distillation (a few iterations, tiny evaluations and level search) after a
+# one-epoch teacher: the tests check what gets written, not how good it is.
+TINY_RUN = [
+    "--consistency-iterations", "2", "--batch-size", "64", "--eval-points", "500", "--search-seeds", "2",
+    "--search-points", "300", "--no-progress",
+]  # fmt: skip
+
+
+def tiny_teacher(path) -> None:
+    """A default-preset teacher trained for one epoch on 2,000 points."""
+    config = dict(epochs=1, batch_size=256, n_samples=2000, progress=False, loss_curve=False, evaluate=False)
+    train(TrainConfig(**config, preset="default", out=str(path)))
 
 
 def distil_on_one_thread(argv: list[str]) -> dict:
