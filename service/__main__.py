@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from diffusion.checkpoint import CheckpointError
 from service.app import create_app, load_configured_model
-from service.http_limits import limited_h11_protocol
+from service.http_limits import limited_http_protocol
 from service.settings import Settings, unknown_env_settings
 
 log = logging.getLogger("swissroll")
@@ -117,11 +117,10 @@ def main() -> None:
         access_log=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.drain_s + _DRAIN_BACKSTOP_S,
-        # h11, not httptools: h11 bounds the request head; the subclass adds the header timeout and connection cap.
-        http=limited_h11_protocol(
+        # httptools (a C parser) with the request-head bound, header timeout and connection cap added (http_limits.py).
+        http=limited_http_protocol(
             settings.max_header_bytes, settings.header_timeout_s, settings.max_connections, app.state.metrics
         ),
-        h11_max_incomplete_event_size=settings.max_header_bytes,
     )
     # uvicorn re-raises the signal after a graceful shutdown (exit status -15); a drained server exits 0 instead.
     for sig in (signal.SIGTERM, signal.SIGINT):

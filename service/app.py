@@ -34,6 +34,7 @@ from service.jobs import plan, run_plan
 from service.metrics import Metrics
 from service.model_repository import ModelRepository
 from service.openapi import TAGS, operation_id
+from service.query_route import refuse_repeated
 from service.routes import router
 from service.schemas import PARAMS_BY_PATH, SampleParams, allowed_values
 from service.settings import Settings
@@ -64,18 +65,7 @@ def clip(value, limit: int = ECHO_MAX):
 
 async def reject_repeated_params(request: Request) -> None:
     """`?n=5&n=7` is ambiguous (FastAPI would take the last silently): 422 naming the parameter."""
-    seen, repeated = set(), []
-    for name, _ in request.query_params.multi_items():
-        if name in seen and name not in repeated:
-            repeated.append(name)
-        seen.add(name)
-    if repeated:
-        raise RequestValidationError(
-            [
-                {"loc": ("query", name), "msg": "parameter given more than once", "type": "repeated", "input": None}
-                for name in repeated
-            ]
-        )
+    refuse_repeated(request)
 
 
 def _warm_up(model: LoadedModel, blocks: BlockPool | None) -> float:

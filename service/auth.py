@@ -12,7 +12,7 @@ _bearer = HTTPBearer(auto_error=False, description="one of SWISSROLL_API_KEYS, w
 
 
 async def require_api_key(
-    request: Request, _scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request, _scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None
 ) -> None:
     keys = request.app.state.settings.api_keys
     if not keys:

@@ -29,7 +29,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from diffusion.checkpoint import LoadedModel
 from diffusion.denoiser import ROW_ALIGN
-from diffusion.noise import from_sources, initial_noise
+from diffusion.noise import from_sources
 from service.blocks import run_sampler
 from service.compute import Cancelled, ComputeGate, Job, ShuttingDown, Timing
 from service.jobs import Plan, computation_key, conditioned, run_plan
@@ -100,12 +100,11 @@ def run_batch(model: LoadedModel, plans: list[Plan], job: Job) -> list[np.ndarra
     else:
         # Each generator's first draw is its request's x_T, exactly as when the request runs alone.
         noise = from_sources(sources)
-        x = initial_noise(rows, noise, device)
-        out, _, _ = run_sampler(
+        _, out, _, _ = run_sampler(
             job.blocks,
             first.spec.fn,
             conditioned(model.denoiser, conditions, first.guidance),
-            x,
+            rows,
             first.timesteps,
             noise,
             job.check,

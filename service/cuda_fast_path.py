@@ -117,10 +117,11 @@ class CudaFastPath:
         sampler.fn(self.denoiser, torch.zeros((1, 2), device=self.denoiser.device), ts, counter, None, **params)
         return counter.calls
 
-    def initial_state(self, sampler, ts: Sequence[int], params: dict, sources: Sources):
-        """(x_T, noise source, denoiser) for running the sampler eagerly, e.g. with a callback (trajectories)."""
+    def eager_state(self, sampler, ts: Sequence[int], params: dict, sources: Sources):
+        """(noise source, denoiser) for running the sampler eagerly, e.g. with a callback (trajectories): the noise is
+        this path's own draws replayed, x_T first."""
         drawn = draw_noise(sources, self.noise_slots(sampler, ts, params), self.denoiser.device)
-        return drawn[0], Tape(drawn[1:]), self._net_denoiser
+        return Tape(drawn), self._net_denoiser
 
     def sample(self, sampler, ts: Sequence[int], params: dict, sources: Sources) -> torch.Tensor:
         """Points [rows, 2] (on the device) for all sources' rows together."""

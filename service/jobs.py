@@ -10,7 +10,7 @@ import torch
 from diffusion.checkpoint import LoadedModel
 from diffusion.denoiser import Denoiser
 from diffusion.guidance import guided
-from diffusion.noise import from_generator, initial_noise
+from diffusion.noise import from_generator
 from diffusion.samplers import (
     SamplerSpec,
     get_sampler,
@@ -116,13 +116,12 @@ def run_plan(model: LoadedModel, p: Plan, job: Job, record: bool = False, record
         if not (record or record_x0):
             job.check()
             return model.fast_path.sample(p.spec, p.timesteps, p.params, [(generator, p.n)]).cpu().numpy(), None, None
-        x, noise, denoiser = model.fast_path.initial_state(p.spec, p.timesteps, p.params, [(generator, p.n)])
+        noise, denoiser = model.fast_path.eager_state(p.spec, p.timesteps, p.params, [(generator, p.n)])
     else:
         noise, denoiser = from_generator(generator), conditioned(model.denoiser, [(p.position, p.n)], p.guidance)
-        x = initial_noise(p.n, noise, device)
     # job.check: deadline and client disconnect are honoured at every step boundary.
-    out, frames, x0s = run_sampler(
-        job.blocks, p.spec.fn, denoiser, x, p.timesteps, noise, job.check, record, record_x0, **p.params
+    x, out, frames, x0s = run_sampler(
+        job.blocks, p.spec.fn, denoiser, p.n, p.timesteps, noise, job.check, record, record_x0, **p.params
     )
     # One device->host copy per array, after all steps: no per-step synchronization.
     stacked = torch.stack([x, *frames]).cpu().numpy() if record else None

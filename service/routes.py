@@ -19,6 +19,7 @@ from service.jobs import plan, render_animation, sample_points
 from service.metrics import Metrics
 from service.model_repository import ModelRepository
 from service.openapi import ANY_ROUTE, COMPUTE, MP4, NPY, PROMETHEUS_TEXT, binary, errors, headers, ok
+from service.query_route import QueryRoute
 from service.render import even
 from service.responses import (
     FieldResult,
@@ -68,6 +69,23 @@ Cache = Annotated[VideoCache, Depends(get_video_cache)]
 router = APIRouter()
 
 
+def query_get(path: str, **kwargs):
+    """@router.get for an endpoint `(params: Annotated[M, Query()], request)` served by QueryRoute (the compute
+    endpoints: their hot path skips FastAPI's dependency solver, see service/query_route.py)."""
+
+    def register(endpoint):
+        router.add_api_route(path, endpoint, methods=["GET"], route_class_override=QueryRoute, **kwargs)
+        return endpoint
+
+    return register
+
+
+def services(request: Request) -> tuple[ModelRepository, ComputeGate, Metrics]:
+    """The app's model repository, compute gate and metrics (the QueryRoute endpoints' dependencies)."""
+    state = request.app.state
+    return state.models, state.gate, state.metrics
+
+
 # Declared so the API docs (and the schema fuzzer) know /animation reads them; ranged_response parses them.
 RangeHeader = Annotated[str | None, Header(alias="Range", description="bytes=first-last, bytes=first- or bytes=-N")]
 IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match", description="an ETag of this URL, or *")]
@@ -115,7 +133,7 @@ def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, timing: Timin
     metrics.compute.labels(endpoint, sampler).observe(timing.compute_s)
 
 
-@router.get(
+@query_get(
     "/sample",
     dependencies=[Depends(require_api_key)],
     summary="Sample points from the model",
@@ -133,9 +151,8 @@ def _record(metrics: Metrics, endpoint: str, sampler: str, n: int, timing: Timin
         **errors(*COMPUTE),
     },
 )
-async def sample(
-    params: Annotated[SampleParams, Query()], request: Request, models: Models, gate: Gate, metrics: MetricsDep
-) -> Response:
+async def sample(params: Annotated[SampleParams, Query()], request: Request) -> Response:
+    models, gate, metrics = services(request)
     model = choose(models, request, params.model)
     check_condition(models, model, params)
     p = plan(model, params)
@@ -163,7 +180,7 @@ async def sample(
     )
 
 
-@router.get(
+@query_get(
     "/trajectory",
     dependencies=[Depends(require_api_key)],
     summary="Every intermediate state of one sampling run (for animation)",
@@ -184,9 +201,8 @@ async def sample(
         **errors(*COMPUTE),
     },
 )
-async def trajectory(
-    params: Annotated[TrajectoryParams, Query()], request: Request, models: Models, gate: Gate, metrics: MetricsDep
-) -> Response:
+async def trajectory(params: Annotated[TrajectoryParams, Query()], request: Request) -> Response:
+    models, gate, metrics = services(request)
     model = choose(models, request, params.model)
     check_condition(models, model, params)
     p = plan(model, params)
@@ -305,7 +321,7 @@ async def animation(
     return ranged_response(request, data, "video/mp4", tag, headers)
 
 
-@router.get(
+@query_get(
     "/forward",
     dependencies=[Depends(require_api_key)],
     summary="The forward (noising) process on real data: frames from the data to noise, with the model's schedule",
@@ -324,9 +340,8 @@ async def animation(
         **errors(*COMPUTE),
     },
 )
-async def forward(
-    params: Annotated[ForwardParams, Query()], request: Request, models: Models, gate: Gate, metrics: MetricsDep
-) -> Response:
+async def forward(params: Annotated[ForwardParams, Query()], request: Request) -> Response:
+    models, gate, metrics = services(request)
     model = choose(models, request, params.model)
     p = forward_plan(model, params.n, params.steps, params.seed)
     request.state.sampler = "forward"
@@ -355,7 +370,7 @@ async def forward(
     return json_response(payload, headers=headers)
 
 
-@router.get(
+@query_get(
     "/field",
     dependencies=[Depends(require_api_key)],
     summary="The learned field at one level: predicted noise and clean point on a regular grid (quiver plots)",
@@ -363,9 +378,8 @@ async def forward(
     response_model=None,
     responses={**ok(FieldResult, "X-Model", "X-Model-Name"), **errors(*COMPUTE)},
 )
-async def field(
-    params: Annotated[FieldParams, Query()], request: Request, models: Models, gate: Gate, metrics: MetricsDep
-) -> Response:
+async def field(params: Annotated[FieldParams, Query()], request: Request) -> Response:
+    models, gate, metrics = services(request)
     model = choose(models, request, params.model)
     t = check_level(model, params.t)
     request.state.sampler = "field"

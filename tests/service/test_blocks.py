@@ -112,8 +112,7 @@ def test_blocks_run_single_threaded_and_leave_the_caller_alone(model, pools):
         return x
 
     before = torch.get_num_threads()
-    zeros = torch.zeros(3 * SMALL_BLOCK, 2)
-    pools[3].run(probe, model.denoiser, zeros, [0], from_generator(torch.Generator()), lambda: None)
+    pools[3].run(probe, model.denoiser, 3 * SMALL_BLOCK, [0], from_generator(torch.Generator()), lambda: None)
     workers = [threads for name, threads in seen if name.startswith("swissroll-block")]
     assert len(seen) == 3 and len(workers) == 2 and workers == [1, 1]
     assert torch.get_num_threads() == before  # set_num_threads in the workers did not reach this thread

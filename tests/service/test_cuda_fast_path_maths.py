@@ -110,7 +110,8 @@ def test_fast_path_rows_do_not_depend_on_batch_mates(fast, name, steps, params):
 def test_trajectory_ends_where_the_sample_does(fast):
     ts, spec = timesteps(40, 40), SAMPLERS["ddpm"]
     frames = []
-    x, noise, denoiser = fast.initial_state(spec, ts, {}, [(torch.Generator().manual_seed(4), 300)])
+    noise, denoiser = fast.eager_state(spec, ts, {}, [(torch.Generator().manual_seed(4), 300)])
+    x = initial_noise(300, noise, "cpu")
     out = spec.fn(denoiser, x, ts, noise, lambda step: frames.append(step.x), **{})
     assert torch.equal(out, fast.sample(spec, ts, {}, [(torch.Generator().manual_seed(4), 300)]))
     assert len(frames) == 40 and torch.equal(frames[-1], out)

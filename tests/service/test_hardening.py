@@ -150,6 +150,25 @@ def test_01_oversized_heads_are_431(limited, headers):
     s.close()
 
 
+@pytest.mark.e2e
+def test_01_pipelined_requests_are_answered_in_order_and_a_pipelined_head_is_bounded_too(limited):
+    # Two requests in one write: both answered, in order, on the same connection; the first response does not arm
+    # the header timer over the second request (its head is complete).
+    s = connect(limited)
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+    first, second = read_one_response(s), read_one_response(s)
+    assert status_of(first) == 200 and b'"status"' in first and status_of(second) == 200
+    # A request behind a small one, with an endless header line: its bytes count against the head bound as they
+    # arrive (the parser alone would buffer them), so it gets a 431 too, after the small one's answer.
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nX-Big: ")
+    assert status_of(read_one_response(s)) == 200
+    with contextlib.suppress(OSError):  # the server may close before all is sent
+        for _ in range(64):
+            s.sendall(b"a" * 16384)
+    assert status_of(read_response(s)) == 431
+    s.close()
+
+
 def test_01_too_many_header_fields_are_431_in_process(client):
     headers = [(f"x-{i}", "1") for i in range(150)]  # small in bytes, over max_headers (100)
     assert client.get("/healthz", headers=headers).status_code == 431
