@@ -111,10 +111,11 @@ class BlockPool:
         record: bool = False,
         record_x0: bool = False,
         **params,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """fn over `rows` rows in blocks, x_T being the first draw of `noise`; (x_T, x_0, states after each step, x0
-        per step). The blocks are handed out before x_T is drawn: a block thread wakes while it is drawn (on 2 cores
-        the wake-up took as long as the draw, ~50 us of each request) instead of after."""
+        per step); x_T only when recording (its first frame), else None. The blocks are handed out before x_T is
+        drawn: a block thread wakes while it is drawn (on 2 cores the wake-up took as long as the draw, ~50 us of each
+        request) instead of after."""
         ranges = split_rows(rows, self.threads, self.min_block_rows)
         tape = SharedDraws(noise, rows, len(ranges))
         failed = threading.Event()
@@ -150,7 +151,7 @@ class BlockPool:
             raise error
         starts, outs, frames, x0s = zip(*results, strict=True)
         per_step = [[torch.cat(f) for f in zip(*block, strict=True)] for block in (frames, x0s)]
-        return torch.cat(starts), torch.cat(outs), per_step[0], per_step[1]
+        return (torch.cat(starts) if record else None), torch.cat(outs), per_step[0], per_step[1]
 
 
 class _Abandoned(Exception):
@@ -184,12 +185,12 @@ def run_sampler(
     record: bool = False,
     record_x0: bool = False,
     **params,
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+) -> tuple[torch.Tensor | None, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """A sampler run for the service over `rows` rows, x_T being the first draw of `noise`: split over `pool` on CPU,
     else one chain on this thread (on a GPU the device parallelizes each op; blocks would only add launches).
-    check() runs after every step. Returns (x_T, x_0, states after each step, x0 per step)."""
+    check() runs after every step. Returns (x_T when recording else None, x_0, states after each step, x0 per step)."""
     if pool is not None and denoiser.device.type == "cpu":
         return pool.run(fn, denoiser, rows, ts, noise, check, record, record_x0, **params)
     steps = _Recorder(check, record, record_x0)
     x = initial_noise(rows, noise, denoiser.device)
-    return x, fn(denoiser, x, ts, noise, steps, **params), steps.frames, steps.x0s
+    return (x if record else None), fn(denoiser, x, ts, noise, steps, **params), steps.frames, steps.x0s

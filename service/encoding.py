@@ -26,7 +26,7 @@ def npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
     """The .npy format 1.0 header of a C-order array, byte for byte what np.save writes (pinned by a test): np.save
     builds it through numpy's general writer, ~0.1 ms of the event loop right after a long job (cold caches), as
     much as the rest of a 2-evaluation /sample response."""
-    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (descr, shape)
+    text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
     # Magic (6) + version (2) + length (2) + text + newline, padded with spaces to a multiple of 64 bytes.
     padding = -(10 + len(text) + 1) % 64
     text = text + " " * padding + "\n"
