@@ -1,7 +1,12 @@
 """The distilled student's speed over HTTP: `/sample?n=10000` from swissroll-fast at 2 evaluations against the
-default (ddpm, 40 evaluations), same server, requests interleaved so both see the same machine load, from curl (what
-the README's user runs) and from httpx; and the same two runs in-process (no HTTP), which bounds what any request
-can reach.
+default (ddpm, 40 evaluations), same server, from curl (what the README's user runs) and from httpx; and the same two
+runs in-process (no HTTP), which bounds what any request can reach.
+
+Two orders of the same requests, both cancelling drift in the machine's speed:
+- runs of RUN consecutive requests per setting, the settings taking turns: what a client calling one endpoint sees
+  (the headline);
+- request by request, the settings interleaved: every student request then comes right after a 40-step job that kept
+  both cores busy for ~50 ms and evicted the interpreter and the student's data from the caches, ~0.4 ms more.
 
     python -m bench.distillation_speed   # writes bench/results/distillation_speed.{json,md}
 """
@@ -41,6 +46,8 @@ ROWS = {
     ]
 }
 REPS = 30
+RUN = 10  # consecutive requests per setting in the "runs" order
+ORDERS = ("runs", "interleaved")
 FLOAT32 = "swissroll-fast consistency@2, float32 GEMMs"
 
 
@@ -84,36 +91,43 @@ def bf16_note(in_process: dict[str, float]) -> str:
     )
 
 
-def httpx_ms(url: str) -> dict[str, list[float]]:
-    """Seconds per request from httpx (gzip asked for unless a row says identity), rows interleaved, REPS each."""
+def request_order(order: str) -> list[tuple[str, int]]:
+    """(row label, seed) for REPS requests per row: in runs of RUN per row, rows taking turns, or row by row."""
+    if order == "interleaved":
+        return [(label, rep) for rep in range(REPS) for label in ROWS]
+    return [(label, run + i) for run in range(0, REPS, RUN) for label in ROWS for i in range(RUN)]
+
+
+def httpx_ms(url: str, order: str) -> dict[str, list[float]]:
+    """Seconds per request from httpx (gzip asked for unless a row says identity), REPS per row in the given order."""
     times: dict[str, list[float]] = {label: [] for label in ROWS}
     with httpx.Client(timeout=120) as client:
         for label, (path, headers) in ROWS.items():  # warm-up, and a check that every row is served
             assert client.get(url + path.format(seed=0), headers=headers).status_code == 200, label
-        for rep in range(REPS):
-            for label, (path, headers) in ROWS.items():
-                began = time.perf_counter()
-                r = client.get(url + path.format(seed=rep), headers=headers)
-                times[label].append(time.perf_counter() - began)
-                assert r.status_code == 200 and len(r.content) > 80_000  # 10,000 points, JSON or float32 .npy
-                assert ("gzip" in r.headers.get("content-encoding", "")) == (headers == {} and "npy" not in path)
+        for label, seed in request_order(order):
+            path, headers = ROWS[label]
+            began = time.perf_counter()
+            r = client.get(url + path.format(seed=seed), headers=headers)
+            times[label].append(time.perf_counter() - began)
+            assert r.status_code == 200 and len(r.content) > 80_000  # 10,000 points, JSON or float32 .npy
+            assert ("gzip" in r.headers.get("content-encoding", "")) == (headers == {} and "npy" not in path)
     return times
 
 
-def curl_ms(url: str) -> dict[str, list[float]]:
+def curl_ms(url: str, order: str) -> dict[str, list[float]]:
     """Seconds per request as curl reports them (time_total), what the README's user runs: one curl process, its
-    connection reused, rows interleaved, REPS each after one warm-up round; gzipped rows with --compressed."""
-    groups, order = [], []
-    for rep in range(-1, REPS):
-        for label, (path, headers) in ROWS.items():
-            flags = [] if headers or "npy" in path else ["--compressed"]
-            groups.append(["--silent", "--fail", *flags, "-o", "/dev/null", "-w", "%{time_total}\n"])
-            groups[-1].append(url + path.format(seed=rep))
-            order.append(label)
+    connection reused, REPS per row in the given order after one warm-up round; gzipped rows with --compressed."""
+    groups, labels = [], []
+    for label, seed in [(label, -1) for label in ROWS] + request_order(order):
+        path, headers = ROWS[label]
+        flags = [] if headers or "npy" in path else ["--compressed"]
+        groups.append(["--silent", "--fail", *flags, "-o", "/dev/null", "-w", "%{time_total}\n"])
+        groups[-1].append(url + path.format(seed=seed))
+        labels.append(label)
     args = ["curl", *[arg for i, group in enumerate(groups) for arg in ([] if i == 0 else ["--next"]) + group]]
     out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=600).stdout
     times: dict[str, list[float]] = {label: [] for label in ROWS}
-    for i, (label, value) in enumerate(zip(order, out.split(), strict=True)):
+    for i, (label, value) in enumerate(zip(labels, out.split(), strict=True)):
         if i >= len(ROWS):  # the warm-up round
             times[label].append(float(value))
     return times
@@ -122,7 +136,11 @@ def curl_ms(url: str) -> dict[str, list[float]]:
 def main() -> None:
     load_before = os.getloadavg()
     with LiveServer(SWISSROLL_MODELS_DIR="checkpoints") as server:
-        clients = {"httpx": httpx_ms(server.url), "curl": curl_ms(server.url)}
+        clients = {
+            f"{client}, {order}": measure(server.url, order)
+            for order in ORDERS
+            for client, measure in (("curl", curl_ms), ("httpx", httpx_ms))
+        }
     load_after = os.getloadavg()
     in_process = in_process_ms()
     medians = {name: {k: statistics.median(v) * 1000 for k, v in t.items()} for name, t in clients.items()}
@@ -135,6 +153,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "load_average_before_after": [round(x, 2) for x in load_before + load_after],
         "reps": REPS,
+        "run": RUN,
         "median_ms": medians,
         "ms_all": {name: {k: [round(x * 1000, 2) for x in v] for k, v in t.items()} for name, t in clients.items()},
         "speedup_vs_default": speedup,
@@ -145,35 +164,37 @@ def main() -> None:
     student_ms, default_ms = in_process["swissroll-fast consistency@2"], in_process["default ddpm@40"]
     npy = {name: m["swissroll-fast consistency@2, npy"] for name, m in medians.items()}
     gzip_ms = {name: m["swissroll-fast consistency@2"] - npy[name] for name, m in medians.items()}
+    cold = npy["curl, interleaved"] - npy["curl, runs"]
     lines = [
         f"# Distilled student vs default over HTTP: `/sample?n=10000` (JSON gzipped or not, and .npy), median of "
-        f"{REPS}, interleaved, two clients",
+        f"{REPS} per setting, two request orders, two clients",
         "",
         f"Measured {results['date']} UTC on {results['machine']} (one server, `SWISSROLL_MODELS_DIR=checkpoints`); "
         f"1-minute load average before/after: {results['load_average_before_after'][0]} / "
         f"{results['load_average_before_after'][3]} on 2 cores (above ~1, other jobs inflate the absolute times; "
-        "the ratio is measured in one run). Clients: curl (one process, connection reused, `--compressed` for the "
-        "gzipped rows; its own `time_total`) and httpx (Python, what the tests and benches use).",
+        "each ratio is measured in one run). Clients: curl (one process, connection reused, `--compressed` for the "
+        "gzipped rows; its own `time_total`) and httpx (Python, what the tests and benches use). Orders: *runs*, "
+        f"{RUN} consecutive requests per setting with the settings taking turns (what a client calling one endpoint "
+        "sees); *interleaved*, the settings taking turns request by request, so that every student request follows "
+        f"a 40-step job that kept both cores busy for ~50 ms and left the caches cold: {cold:+.1f} ms to the "
+        "student's .npy request (curl).",
         "",
         f"In-process (no HTTP, same threads, interleaved): the default {default_ms:.1f} ms, the student at 2 "
         f"evaluations {student_ms:.2f} ms: {default_ms / student_ms:.1f}x, the most any request can reach. "
         f"{bf16_note(in_process)} Over HTTP each request also pays a fixed cost (parsing, validation, the hop to a "
-        f"compute thread and back, the response, the client): the student's .npy request less its in-process run is "
-        f"{npy['curl'] - student_ms:.1f} ms with curl, {npy['httpx'] - student_ms:.1f} ms with httpx. Gzipped JSON "
-        f"(encoding, compressing and inflating 236 kB) adds {gzip_ms['curl']:.1f} ms (curl) / "
-        f"{gzip_ms['httpx']:.1f} ms (httpx): nothing to the default's request, as much as the student's two network "
-        "evaluations.",
+        f"compute thread and back, the response, the client): the student's .npy request (interleaved) less its "
+        f"in-process run is {npy['curl, interleaved'] - student_ms:.1f} ms with curl, "
+        f"{npy['httpx, interleaved'] - student_ms:.1f} ms with httpx. Gzipped JSON (encoding, compressing and "
+        f"inflating 236 kB) adds {gzip_ms['curl, runs']:.1f} ms (curl, runs) / {gzip_ms['httpx, runs']:.1f} ms "
+        "(httpx, runs): nothing to the default's request, as much as the student's two network evaluations.",
         "",
-        "| setting | network evaluations | curl: median ms | speed-up vs the default (same format) | "
-        "httpx: median ms | speed-up |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| setting | network evaluations | " + " | ".join(f"{name}: ms | speed-up" for name in clients) + " |",
+        "|---|---:|" + "---:|---:|" * len(clients),
     ]
     for label in ROWS:
         nfe = 40 if "ddpm@40" in label else int(label.split("@")[1][0])
-        c, h = medians["curl"][label], medians["httpx"][label]
-        lines.append(
-            f"| {label} | {nfe} | {c:.1f} | {speedup['curl'][label]:.1f}x | {h:.1f} | {speedup['httpx'][label]:.1f}x |"
-        )
+        cells = [f"{medians[name][label]:.1f} | {speedup[name][label]:.1f}x" for name in clients]
+        lines.append(f"| {label} | {nfe} | " + " | ".join(cells) + " |")
     (RESULTS / "distillation_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
