@@ -103,6 +103,23 @@ def noise_draws(table: Sequence[tuple[float, ...]]) -> int:
     return sum(1 for row in table if row[2] != 0.0)
 
 
+_RUN_DRAWS: dict[tuple, int] = {}
+
+
+def run_draws(denoiser: Denoiser, sampler: str, ts: Sequence[int], params: dict) -> int | None:
+    """How many noise draws a run of `sampler` over `ts` makes, x_T included (None: a sampler without a table).
+    Remembered per schedule, sampler, levels and parameters: a table of 40 steps takes ~30 us to build."""
+    if not supports(sampler):
+        return None
+    key = (denoiser.alphas_cumprod, denoiser.prediction_type, sampler, tuple(ts), tuple(sorted(params.items())))
+    draws = _RUN_DRAWS.get(key)
+    if draws is None:
+        if len(_RUN_DRAWS) >= 4096:
+            _RUN_DRAWS.clear()
+        draws = _RUN_DRAWS[key] = 1 + noise_draws(coefficient_table(denoiser, sampler, ts, params))
+    return draws
+
+
 def run_reference(
     net: Callable[[torch.Tensor, int], torch.Tensor],
     x: torch.Tensor,

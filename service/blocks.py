@@ -40,23 +40,46 @@ PAIR_MIN_ROWS = 512
 
 
 class SharedDraws:
-    """Every noise draw a sampler makes, drawn in full from the run's noise on first demand, shared by the blocks:
-    draw k of a split run equals draw k of the unsplit run."""
+    """Every noise draw a sampler makes, drawn in full from the run's noise, shared by the blocks: draw k of a split
+    run equals draw k of the unsplit run.
 
-    def __init__(self, noise: Noise, rows: int, blocks: int):
-        self.noise, self.rows, self.blocks = noise, rows, blocks
+    Told how many draws the run makes (`draws`, x_T included), the first block to take draw k also makes draw k + 1
+    right after it, so the other blocks find each draw ready instead of waiting for one block to draw it, and then
+    for their thread to be woken (on 2 cores ~0.1 ms of each noisy step, measured). Draws stay in order: draw k + 1 is
+    made by a block that has draw k. Without `draws`, each draw is made on first demand (nothing drawn in vain)."""
+
+    def __init__(self, noise: Noise, rows: int, blocks: int, draws: int | None = None):
+        self.noise, self.rows, self.blocks, self.draws = noise, rows, blocks, draws
         self._lock = threading.Lock()
-        self._draws: dict[int, torch.Tensor] = {}
-        self._taken: dict[int, int] = {}
+        self._entries: dict[int, _Draw] = {}
 
     def take(self, k: int, like: torch.Tensor) -> torch.Tensor:
         with self._lock:
-            if k not in self._draws:
-                self._draws[k] = self.noise(like.new_empty((self.rows, *like.shape[1:])))
-                self._taken[k] = 0
-            full = self._taken[k] = self._taken[k] + 1
-            draw = self._draws[k] if full < self.blocks else self._draws.pop(k)  # last taker frees it
+            entry = self._entries.setdefault(k, _Draw())
+            ahead = None
+            if self.draws is not None and k + 1 < self.draws and k + 1 not in self._entries:
+                ahead = self._entries[k + 1] = _Draw()
+        draw = self._drawn(entry, like)
+        if ahead is not None:
+            self._drawn(ahead, like)
+        with self._lock:
+            entry.taken += 1
+            if entry.taken == self.blocks:  # the last taker frees it
+                del self._entries[k]
         return draw
+
+    def _drawn(self, entry: "_Draw", like: torch.Tensor) -> torch.Tensor:
+        with entry.lock:
+            if entry.value is None:
+                entry.value = self.noise(like.new_empty((self.rows, *like.shape[1:])))
+            return entry.value
+
+
+class _Draw:
+    __slots__ = ("lock", "value", "taken")
+
+    def __init__(self):
+        self.lock, self.value, self.taken = threading.Lock(), None, 0
 
 
 class BlockNoise:
@@ -110,6 +133,7 @@ class BlockPool:
         check: Callable[[], None],
         record: bool = False,
         record_x0: bool = False,
+        draws: int | None = None,
         **params,
     ) -> tuple[torch.Tensor | None, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """fn over `rows` rows in blocks, x_T being the first draw of `noise`; (x_T, x_0, states after each step, x0
@@ -117,7 +141,7 @@ class BlockPool:
         drawn: a block thread wakes while it is drawn (on 2 cores the wake-up took as long as the draw, ~50 us of each
         request) instead of after."""
         ranges = split_rows(rows, self.threads, self.min_block_rows)
-        tape = SharedDraws(noise, rows, len(ranges))
+        tape = SharedDraws(noise, rows, len(ranges), draws)
         failed = threading.Event()
 
         def check_block() -> None:
@@ -184,13 +208,15 @@ def run_sampler(
     check: Callable[[], None],
     record: bool = False,
     record_x0: bool = False,
+    draws: int | None = None,
     **params,
 ) -> tuple[torch.Tensor | None, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """A sampler run for the service over `rows` rows, x_T being the first draw of `noise`: split over `pool` on CPU,
     else one chain on this thread (on a GPU the device parallelizes each op; blocks would only add launches).
-    check() runs after every step. Returns (x_T when recording else None, x_0, states after each step, x0 per step)."""
+    check() runs after every step; `draws`: how many noise draws the run makes, x_T included, if known (SharedDraws).
+    Returns (x_T when recording else None, x_0, states after each step, x0 per step)."""
     if pool is not None and denoiser.device.type == "cpu":
-        return pool.run(fn, denoiser, rows, ts, noise, check, record, record_x0, **params)
+        return pool.run(fn, denoiser, rows, ts, noise, check, record, record_x0, draws, **params)
     steps = _Recorder(check, record, record_x0)
     x = initial_noise(rows, noise, denoiser.device)
     return (x if record else None), fn(denoiser, x, ts, noise, steps, **params), steps.frames, steps.x0s

@@ -1,6 +1,7 @@
 """Block-parallel CPU sampling: a seed's points are the same bits whatever the split, thread count or batch."""
 
 import threading
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -135,17 +136,48 @@ def test_deadline_in_one_block_stops_the_job_and_the_pool_stays_usable(model, po
     assert out.shape == (2000, 2)
 
 
-def test_shared_draws_hand_every_block_its_rows_of_one_draw_and_free_it():
+@pytest.mark.parametrize("declared", [None, 2])
+def test_shared_draws_hand_every_block_its_rows_of_one_draw_and_free_it(declared):
     sources = [(torch.Generator().manual_seed(1), 40), (None, 8), (torch.Generator().manual_seed(2), 32)]
-    tape = SharedDraws(from_sources(sources), rows=80, blocks=2)
+    made = []
+    noise = from_sources(sources)
+    tape = SharedDraws(lambda like: made.append(1) or noise(like), rows=80, blocks=2, draws=declared)
     first, second = BlockNoise(tape, 0, 48), BlockNoise(tape, 48, 80)
     like = torch.empty(1, 2)
-    draws = [torch.cat([first(like), second(like)]) for _ in range(2)]
-    assert not tape._draws  # both blocks took both draws: nothing kept
+    head = first(like)
+    assert len(made) == (2 if declared else 1)  # told the count, the first taker of draw 0 made draw 1 too
+    draws = [torch.cat([head, second(like)]), torch.cat([first(like), second(like)])]
+    assert not tape._entries and len(made) == 2  # both blocks took both draws: nothing kept, nothing drawn in vain
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     for draw in draws:
         assert torch.equal(draw[:40], torch.randn(40, 2, generator=g1)) and not draw[40:48].any()
         assert torch.equal(draw[48:], torch.randn(32, 2, generator=g2))
+
+
+def test_draws_made_ahead_stay_in_order_whatever_the_threads_timing():
+    # Three blocks on threads, each pausing at random between draws: every block's rows of draw k are the unsplit
+    # run's draw k, however the first takers (who draw ahead) alternate.
+    rows, blocks, draws = 96, 3, 12
+    reference = torch.randn(draws, rows, 2, generator=torch.Generator().manual_seed(7))
+    for trial in range(20):
+        tape = SharedDraws(from_generator(torch.Generator().manual_seed(7)), rows, blocks, draws)
+        pause = torch.rand(blocks, draws, generator=torch.Generator().manual_seed(trial)) * 1e-3
+        got = {}
+
+        def block(j):
+            noise = BlockNoise(tape, 32 * j, 32 * (j + 1))
+            for k in range(draws):
+                time.sleep(float(pause[j, k]))
+                got[j, k] = noise(torch.empty(32, 2))
+
+        threads = [threading.Thread(target=block, args=(j,)) for j in range(blocks)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for (j, k), value in got.items():
+            assert torch.equal(value, reference[k, 32 * j : 32 * (j + 1)])
+        assert not tape._entries
 
 
 def test_served_points_with_two_block_threads_equal_the_sampler_alone(tiny_checkpoint, one_thread):
