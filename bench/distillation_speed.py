@@ -8,9 +8,10 @@ Two orders of the same requests, both cancelling drift in the machine's speed:
 - request by request, the settings interleaved: every student request then comes right after a 40-step job that kept
   both cores busy for ~50 ms and evicted the interpreter and the student's data from the caches, ~0.4 ms more.
 
-    python -m bench.distillation_speed   # writes bench/results/distillation_speed.{json,md}
+    python -m bench.distillation_speed   # 5 rounds (~2 min); writes bench/results/distillation_speed.{json,md}
 """
 
+import argparse
 import json
 import os
 import platform
@@ -133,20 +134,40 @@ def curl_ms(url: str, order: str) -> dict[str, list[float]]:
     return times
 
 
+def _speedups(medians: dict[str, float]) -> dict[str, float]:
+    """Each row's speed-up over the default in the same format."""
+    return {label: medians[f"default ddpm@40{_format_of(label)}"] / v for label, v in medians.items()}
+
+
+def one_round(url: str) -> dict[str, dict[str, list[float]]]:
+    """Seconds per request, per (client, order) and row: every row REPS times in each order, from both clients."""
+    return {
+        f"{client}, {order}": measure(url, order)
+        for order in ORDERS
+        for client, measure in (("curl", curl_ms), ("httpx", httpx_ms))
+    }
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.distillation_speed", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="whole measurements, each a ratio of its own medians")
+    args = parser.parse_args()
     load_before = os.getloadavg()
     with LiveServer(SWISSROLL_MODELS_DIR="checkpoints") as server:
-        clients = {
-            f"{client}, {order}": measure(server.url, order)
-            for order in ORDERS
-            for client, measure in (("curl", curl_ms), ("httpx", httpx_ms))
-        }
+        rounds = [one_round(server.url) for _ in range(args.rounds)]
     load_after = os.getloadavg()
     in_process = in_process_ms()
-    medians = {name: {k: statistics.median(v) * 1000 for k, v in t.items()} for name, t in clients.items()}
-    speedup = {
-        name: {label: m[f"default ddpm@40{_format_of(label)}"] / v for label, v in m.items()}
-        for name, m in medians.items()
+    # Per round: each row's median, and its ratio to the default's median in that round (same format and order).
+    round_medians = [
+        {name: {k: statistics.median(v) * 1000 for k, v in t.items()} for name, t in r.items()} for r in rounds
+    ]
+    round_speedups = [{name: _speedups(m) for name, m in rm.items()} for rm in round_medians]
+    clients = rounds[0]
+    medians = {name: {k: statistics.mean(rm[name][k] for rm in round_medians) for k in ROWS} for name in clients}
+    speedup = {name: {k: statistics.mean(rs[name][k] for rs in round_speedups) for k in ROWS} for name in clients}
+    spread = {
+        name: {k: statistics.stdev([rs[name][k] for rs in round_speedups]) if len(rounds) > 1 else 0.0 for k in ROWS}
+        for name in clients
     }
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -154,9 +175,12 @@ def main() -> None:
         "load_average_before_after": [round(x, 2) for x in load_before + load_after],
         "reps": REPS,
         "run": RUN,
-        "median_ms": medians,
-        "ms_all": {name: {k: [round(x * 1000, 2) for x in v] for k, v in t.items()} for name, t in clients.items()},
-        "speedup_vs_default": speedup,
+        "rounds": len(rounds),
+        "median_ms": medians,  # mean over rounds of each round's median
+        "speedup_vs_default": speedup,  # mean over rounds
+        "speedup_sd": spread,
+        "rounds_median_ms": round_medians,
+        "rounds_speedup": round_speedups,
         "in_process_median_ms": in_process,
     }
     RESULTS.mkdir(exist_ok=True)
@@ -166,8 +190,8 @@ def main() -> None:
     gzip_ms = {name: m["swissroll-fast consistency@2"] - npy[name] for name, m in medians.items()}
     cold = npy["curl, interleaved"] - npy["curl, runs"]
     lines = [
-        f"# Distilled student vs default over HTTP: `/sample?n=10000` (JSON gzipped or not, and .npy), median of "
-        f"{REPS} per setting, two request orders, two clients",
+        f"# Distilled student vs default over HTTP: `/sample?n=10000` (JSON gzipped or not, and .npy), {len(rounds)} "
+        f"rounds of {REPS} requests per setting, two request orders, two clients",
         "",
         f"Measured {results['date']} UTC on {results['machine']} (one server, `SWISSROLL_MODELS_DIR=checkpoints`); "
         f"1-minute load average before/after: {results['load_average_before_after'][0]} / "
@@ -177,7 +201,8 @@ def main() -> None:
         f"{RUN} consecutive requests per setting with the settings taking turns (what a client calling one endpoint "
         "sees); *interleaved*, the settings taking turns request by request, so that every student request follows "
         f"a 40-step job that kept both cores busy for ~50 ms and left the caches cold: {cold:+.1f} ms to the "
-        "student's .npy request (curl).",
+        "student's .npy request (curl). Each round's ratio is of its own medians (same server, same minutes); the "
+        "table gives the mean over rounds of the medians (ms) and of the ratios, ± their standard deviation.",
         "",
         f"In-process (no HTTP, same threads, interleaved): the default {default_ms:.1f} ms, the student at 2 "
         f"evaluations {student_ms:.2f} ms: {default_ms / student_ms:.1f}x, the most any request can reach. "
@@ -193,7 +218,9 @@ def main() -> None:
     ]
     for label in ROWS:
         nfe = 40 if "ddpm@40" in label else int(label.split("@")[1][0])
-        cells = [f"{medians[name][label]:.1f} | {speedup[name][label]:.1f}x" for name in clients]
+        cells = [
+            f"{medians[name][label]:.1f} | {speedup[name][label]:.1f}x ± {spread[name][label]:.1f}" for name in clients
+        ]
         lines.append(f"| {label} | {nfe} | " + " | ".join(cells) + " |")
     (RESULTS / "distillation_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
