@@ -30,7 +30,6 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from diffusion.checkpoint import LoadedModel
 from diffusion.denoiser import ROW_ALIGN
 from diffusion.noise import from_sources
-from diffusion.step_coefficients import run_draws
 from service.blocks import run_sampler
 from service.compute import Cancelled, ComputeGate, Job, ShuttingDown, Timing
 from service.jobs import Plan, computation_key, conditioned, run_plan
@@ -101,16 +100,14 @@ def run_batch(model: LoadedModel, plans: list[Plan], job: Job) -> list[np.ndarra
     else:
         # Each generator's first draw is its request's x_T, exactly as when the request runs alone.
         noise = from_sources(sources)
-        denoiser = conditioned(model.denoiser, conditions, first.guidance)
         _, out, _, _ = run_sampler(
             job.blocks,
-            first.spec.fn,
-            denoiser,
+            first.spec,
+            conditioned(model.denoiser, conditions, first.guidance),
             rows,
             first.timesteps,
             noise,
             job.check,
-            draws=run_draws(denoiser, first.spec.name, first.timesteps, first.params),
             **first.params,
         )
     out = out.cpu().numpy()

@@ -25,7 +25,8 @@ import torch
 from diffusion.denoiser import ROW_ALIGN
 from diffusion.guidance import GuidedDenoiser
 from diffusion.noise import Noise, initial_noise
-from diffusion.samplers import Step
+from diffusion.samplers import SamplerSpec, Step
+from diffusion.step_coefficients import run_draws
 
 # Rows per block, at least. Every block thread holds the GIL for each op's Python and dispatch overhead, so
 # many small blocks queue on the GIL instead of computing: on a 16-core host (in-process ddpm@40, ms for
@@ -201,7 +202,7 @@ class _Recorder:
 
 def run_sampler(
     pool: BlockPool | None,
-    fn: Callable,
+    spec: SamplerSpec,
     denoiser,
     rows: int,
     ts,
@@ -209,15 +210,15 @@ def run_sampler(
     check: Callable[[], None],
     record: bool = False,
     record_x0: bool = False,
-    draws: int | None = None,
     **params,
 ) -> tuple[torch.Tensor | None, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """A sampler run for the service over `rows` rows, x_T being the first draw of `noise`: split over `pool` on CPU,
-    else one chain on this thread (on a GPU the device parallelizes each op; blocks would only add launches).
-    check() runs after every step; `draws`: how many noise draws the run makes, x_T included, if known (SharedDraws).
+    """A run of `spec`'s sampler for the service over `rows` rows, x_T being the first draw of `noise`: split over
+    `pool` on CPU (told how many draws the run makes, see SharedDraws), else one chain on this thread (on a GPU the
+    device parallelizes each op; blocks would only add launches). check() runs after every step.
     Returns (x_T when recording else None, x_0, states after each step, x0 per step)."""
     if pool is not None and denoiser.device.type == "cpu":
-        return pool.run(fn, denoiser, rows, ts, noise, check, record, record_x0, draws, **params)
+        draws = run_draws(denoiser, spec.name, ts, params)
+        return pool.run(spec.fn, denoiser, rows, ts, noise, check, record, record_x0, draws, **params)
     steps = _Recorder(check, record, record_x0)
     x = initial_noise(rows, noise, denoiser.device)
-    return (x if record else None), fn(denoiser, x, ts, noise, steps, **params), steps.frames, steps.x0s
+    return (x if record else None), spec.fn(denoiser, x, ts, noise, steps, **params), steps.frames, steps.x0s

@@ -18,7 +18,6 @@ from diffusion.samplers import (
     resolve_steps,
     resolve_timesteps,
 )
-from diffusion.step_coefficients import run_draws
 from service.blocks import run_sampler
 from service.compute import ComputeGate, Job, Timing
 from service.render import animation_mp4
@@ -121,9 +120,8 @@ def run_plan(model: LoadedModel, p: Plan, job: Job, record: bool = False, record
     else:
         noise, denoiser = from_generator(generator), conditioned(model.denoiser, [(p.position, p.n)], p.guidance)
     # job.check: deadline and client disconnect are honoured at every step boundary.
-    draws = run_draws(denoiser, p.spec.name, p.timesteps, p.params)
     x, out, frames, x0s = run_sampler(
-        job.blocks, p.spec.fn, denoiser, p.n, p.timesteps, noise, job.check, record, record_x0, draws, **p.params
+        job.blocks, p.spec, denoiser, p.n, p.timesteps, noise, job.check, record, record_x0, **p.params
     )
     # One device->host copy per array, after all steps: no per-step synchronization.
     stacked = torch.stack([x, *frames]).cpu().numpy() if record else None

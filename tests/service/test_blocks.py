@@ -164,13 +164,13 @@ def test_draws_made_ahead_stay_in_order_whatever_the_threads_timing():
         pause = torch.rand(blocks, draws, generator=torch.Generator().manual_seed(trial)) * 1e-3
         got = {}
 
-        def block(j):
+        def block(j, tape, pause, got):
             noise = BlockNoise(tape, 32 * j, 32 * (j + 1))
             for k in range(draws):
                 time.sleep(float(pause[j, k]))
                 got[j, k] = noise(torch.empty(32, 2))
 
-        threads = [threading.Thread(target=block, args=(j,)) for j in range(blocks)]
+        threads = [threading.Thread(target=block, args=(j, tape, pause, got)) for j in range(blocks)]
         for t in threads:
             t.start()
         for t in threads:
