@@ -14,14 +14,13 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import orjson
 import torch
 from isal import isal_zlib
 
 from bench.live_server import REPO
 from diffusion.checkpoint import load_model
 from diffusion.samplers import sample
-from service.encoding import compact
+from service.encoding import compact, json_response
 
 RESULTS = Path(__file__).parent / "results"
 REPS = 50
@@ -32,11 +31,11 @@ def bodies() -> dict[str, bytes]:
     out = {}
     for n in (10_000, 100_000):
         points = sample(model.denoiser, "ddpm", n, torch.Generator().manual_seed(0), 40).numpy()
-        out[f"/sample n={n:,}"] = orjson.dumps({"points": points}, option=orjson.OPT_SERIALIZE_NUMPY)
+        out[f"/sample n={n:,}"] = json_response({"points": points}).body
     frames = []
     sample(model.denoiser, "ddpm", 5_000, torch.Generator().manual_seed(0), 40, callback=lambda s: frames.append(s.x))
     trajectory = compact(np.stack([f.numpy() for f in frames]))
-    out["/trajectory n=5,000, 40 steps"] = orjson.dumps({"frames": trajectory}, option=orjson.OPT_SERIALIZE_NUMPY)
+    out["/trajectory n=5,000, 40 steps"] = json_response({"frames": trajectory}).body
     return out
 
 

@@ -191,7 +191,9 @@ def main() -> None:
             "teacher": args.teacher,
             "students": [s.path.name for s in students],
             # As the service runs them here (diffusion/folded.py): the numbers are those of the served function.
-            "student_gemms": {s.path.name: "bfloat16" if s.denoiser.cpu_net else "float32" for s in students},
+            "student_gemms": {
+                s.path.name: s.denoiser.cpu_net.precision if s.denoiser.cpu_net else "float32" for s in students
+            },
             **evaluate(teacher, students, args.n, seeds),
         }
         RESULTS.mkdir(exist_ok=True)

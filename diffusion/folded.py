@@ -136,6 +136,11 @@ class FusedFoldedNet:
         # [2, W] as nn.Linear holds it: addmm with the [W, 2] matrix took 0.21 ms per 5,008 rows, F.linear 0.055 ms
         self.w_out, self.b_out = weights.w_out.t().contiguous(), weights.b_out
 
+    @property
+    def precision(self) -> str:
+        """The hidden layers' dtype: "bfloat16" or "float32"."""
+        return str(self.dtype).removeprefix("torch.")
+
     def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
         h = torch.addmm(self.level_bias[t], x, self.w_x).to(self.dtype)  # one level per call: its bias row broadcasts
         for w, b in self.hidden:
@@ -158,22 +163,17 @@ CPU_NETWORKS = {
 
 
 def cpu_net_for(module, choice: str = "auto") -> FusedFoldedNet | None:
-    """What runs a checkpoint module's network on CPU (CPU_NETWORKS): a fused net, or None for the module itself."""
+    """What runs a checkpoint module's network on CPU (CPU_NETWORKS): a fused net, or None for the module itself,
+    also where fusing does not apply (not the folded MLP, not on CPU, no oneDNN). With "auto" the hidden layers run in
+    bfloat16 when no weight would be rounded by it and the CPU has bf16 units; else in float32."""
     if choice not in CPU_NETWORKS:
         raise ValueError(f"unknown CPU network {choice!r}; valid: {', '.join(CPU_NETWORKS)}")
-    return None if choice == "module" else fused_cpu_net(module, bf16=choice == "auto")
-
-
-def fused_cpu_net(module, bf16: bool = True) -> FusedFoldedNet | None:
-    """The fused CPU forward of a checkpoint's module, or None where it does not apply (not the folded MLP, not on
-    CPU, no oneDNN). Hidden layers in bfloat16 when allowed (bf16), when no weight would be rounded by it and when
-    the CPU has bf16 units; else in float32."""
-    if not has_fused_linear():
+    if choice == "module" or not has_fused_linear():
         return None
     weights = FoldedWeights.from_module(module)
     if weights is None or weights.w_x.device.type != "cpu":
         return None
-    use_bf16 = bf16 and weights.hidden_in_bfloat16 and cpu_has_bf16_units()
+    use_bf16 = choice == "auto" and weights.hidden_in_bfloat16 and cpu_has_bf16_units()
     net = FusedFoldedNet(weights, module, torch.bfloat16 if use_bf16 else torch.float32)
     return net if _agrees(net, module, weights.level_bias.shape[0]) else None
 

@@ -7,8 +7,6 @@ One source of truth for /samplers, /models, /models/{name} and /model: what a sa
 from datetime import UTC, datetime
 from pathlib import PurePath
 
-import torch
-
 from diffusion.checkpoint import LoadedModel
 from diffusion.samplers import SAMPLERS
 from service.model_repository import LoadFailure, ModelRepository, ServedModel
@@ -140,7 +138,7 @@ def _cpu_network(model: LoadedModel) -> str | None:
     fused = model.denoiser.cpu_net
     if fused is None:
         return "the checkpoint's module, float32"
-    if fused.dtype == torch.bfloat16:
+    if fused.precision == "bfloat16":
         return "fused oneDNN layers in bfloat16: its hidden weights are bfloat16 values and this CPU has bf16 units"
     return "fused oneDNN layers in float32"
 

@@ -55,7 +55,8 @@ class Cancelled(Exception):
 # Jobs of at least this cost (points x network evaluations) teach the per-unit time; smaller ones the per-job time.
 _LARGE_JOB_COST = 100_000
 _RECHECK_S = 0.25  # how often a waiting job re-checks whether it can still start before its deadline
-_WATCH_AFTER_S = 0.05  # a running job's client is watched (every 0.1 s) from this long after its start on
+_POLL_S = 0.1  # how often a running job's client is asked whether it is still there
+_WATCH_AFTER_S = 0.05  # a running job's client is watched (every _POLL_S) from this long after its start on
 
 
 class _Waiting:
@@ -321,5 +322,5 @@ class ComputeGate:
 async def _watch_disconnect(is_disconnected: Callable[[], Awaitable[bool]], job: Job) -> None:
     # Starlette does not cancel a handler when its client leaves; poll, and let the worker stop at its next step.
     while not await is_disconnected():
-        await anyio.sleep(0.1)
+        await anyio.sleep(_POLL_S)
     job.cancelled.set()

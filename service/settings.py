@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from diffusion.folded import CPU_NETWORKS
 from service.model_repository import NAME_PATTERN
 
 
@@ -59,7 +60,7 @@ class Settings(BaseSettings):
     # CPU only: see diffusion/folded.py and bench/results/distillation_speed.md.
     cpu_network: str = Field(
         "auto",
-        pattern=r"^(auto|float32|module)$",
+        pattern="^(" + "|".join(CPU_NETWORKS) + ")$",
         description="CPU only: auto = fused oneDNN layers, in bfloat16 for bfloat16 hidden weights (swissroll-fast) "
         "on a CPU with bf16 units; float32 = fused, float32 always; module = the checkpoint's TorchScript module",
     )

@@ -45,7 +45,7 @@ class SlicedW2To:
 
     def __call__(self, b: np.ndarray) -> float:
         if len(b) != self.points:
-            raise ValueError(f"{len(b)} points against a real cloud of {self.real.shape[1]}")
+            raise ValueError(f"{len(b)} points against a real cloud of {self.points}")
         return float(np.sqrt(((self.real - np.sort(self.theta @ b.T, axis=1)) ** 2).mean()))
 
 

@@ -74,7 +74,7 @@ def test_each_rows_result_is_independent_of_its_batch(which, request):
 
 
 @needs_bf16_units
-def test_a_seed_gives_the_same_points_in_one_call_or_many(bf16_model):
+def test_the_bfloat16_path_is_deterministic_given_the_seed(bf16_model):
     a = sample(bf16_model.denoiser, "ddim", 3000, torch.Generator().manual_seed(5), 4)
     b = sample(bf16_model.denoiser, "ddim", 3000, torch.Generator().manual_seed(5), 4)
     assert torch.equal(a, b)

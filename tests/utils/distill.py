@@ -1,9 +1,9 @@
 """training.distill's distil() as the test suite runs it."""
 
-import os
-
+import pytest
 import torch
 
+from diffusion.cpus import THREADS_ENV
 from training.distill import distil, parse_args
 from training.train import TrainConfig, train
 
@@ -25,13 +25,10 @@ def distil_on_one_thread(argv: list[str]) -> dict:
     """distil(parse_args(argv)) on one torch thread, as the rest of the suite runs: distil() sets the count from
     SWISSROLL_TORCH_THREADS, and two threads' barriers on tiny batches crawl on a busy machine. The process's
     thread count and the variable are restored after. Returns the exported metadata."""
-    threads, saved = torch.get_num_threads(), os.environ.get("SWISSROLL_TORCH_THREADS")
-    os.environ["SWISSROLL_TORCH_THREADS"] = "1"
-    try:
-        return distil(parse_args(argv))
-    finally:
-        torch.set_num_threads(threads)
-        if saved is None:
-            del os.environ["SWISSROLL_TORCH_THREADS"]
-        else:
-            os.environ["SWISSROLL_TORCH_THREADS"] = saved
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(THREADS_ENV, "1")
+        try:
+            return distil(parse_args(argv))
+        finally:
+            torch.set_num_threads(threads)
