@@ -19,7 +19,7 @@ needs_bf16_units = pytest.mark.skipif(not cpu_has_bf16_units(), reason="this CPU
 
 @pytest.fixture(scope="module")
 def bf16_model(tmp_path_factory):
-    path = write_tiny_checkpoint(tmp_path_factory.mktemp("bf16") / "m.pt", width=64, blocks=3, bf16_hidden=True)
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("bf16") / "m.pt", width=64, blocks=3, bf16_hidden=True, seed=0)
     return load_model(path, CPU)
 
 
@@ -33,7 +33,8 @@ def test_folded_weights_compute_the_checkpoints_function(bf16_model):
 
 @pytest.fixture(scope="module")
 def float32_model(tmp_path_factory):
-    return load_model(write_tiny_checkpoint(tmp_path_factory.mktemp("f32") / "m.pt", width=64, blocks=3), CPU)
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("f32") / "m.pt", width=64, blocks=3, seed=1)
+    return load_model(path, CPU)
 
 
 def test_a_float32_network_runs_fused_in_float32_as_its_module_does(float32_model):

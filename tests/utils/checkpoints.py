@@ -16,14 +16,26 @@ TINY_TUNED = [9, 6, 3, 0]
 
 
 def write_tiny_checkpoint(
-    path, prediction_type="v", num_timesteps=TINY_T, width=8, blocks=1, bf16_hidden=False, **metadata_overrides
+    path,
+    prediction_type="v",
+    num_timesteps=TINY_T,
+    width=8,
+    blocks=1,
+    bf16_hidden=False,
+    seed=None,
+    **metadata_overrides,
 ):
     """A small scripted checkpoint (untrained, width 8) that honours the contract: API tests need shapes, not skill.
-    bf16_hidden: its blocks' weights rounded to bfloat16 values, as a student trained so has them."""
+    bf16_hidden: its blocks' weights rounded to bfloat16 values, as a student trained so has them. seed: the weights
+    from this seed, the same file whatever ran before (a tolerance then holds for one known network, not for whichever
+    the run's order drew); None: from the global generator (two calls give two different models)."""
     config = NetConfig(
         width=width, blocks=blocks, residual=True, time_embedding="sinusoidal", prediction_type=prediction_type
     )
-    net = DenoiserMLP(config, num_timesteps)
+    with torch.random.fork_rng(enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        net = DenoiserMLP(config, num_timesteps)
     if bf16_hidden:
         with torch.no_grad():
             for block in net.blocks:
